@@ -1,0 +1,116 @@
+"""``create_app(config)``: the aiohttp application.
+
+Every request goes to :func:`dispatch`, which normalizes the path first and decides on that
+one value: the gateway's own endpoints (auth, health) by exact path, everything else
+through the proxied pipeline. aiohttp's router is not consulted, so no path is ever judged
+in two different forms.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from . import auth_api, errors, pipeline
+from .config import Config
+from .errors import GatewayError, MethodNotAllowed, NotFound
+from .paths import normalize
+from .state import ERROR, GATEWAY, IP, PATH, Gateway
+from .store import Store, open_store
+
+log = logging.getLogger("gateway")
+_STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+                 413: "payload_too_large", 431: "headers_too_large"}
+
+
+def create_app(
+    config: Config, *, clock: Callable[[], float] = time.time, store: Store | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app.router.register_resource(_EveryPath(dispatch))
+    app.cleanup_ctx.append(_lifecycle(config, clock, store))
+    return app
+
+
+def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) \
+        -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        store = given if given is not None else await open_store(config.store)
+        gw = Gateway.build(config, store, clock)
+        await gw.proxy.start()
+        app[GATEWAY] = gw
+        app[_ENDPOINTS] = {**auth_api.endpoints(config.auth_prefix),
+                           "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
+        try:
+            yield
+        finally:
+            await gw.proxy.close()
+            gw.credentials.close()
+            if given is None:
+                await store.close()
+
+    return ctx
+
+
+_ENDPOINTS = web.AppKey("endpoints", dict)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    request[IP] = gw.proxy.client_ip(request)
+    target = normalize(request.raw_path)
+    request[PATH] = target.path
+    own = request.app[_ENDPOINTS].get(target.path)
+    if own is None:
+        prefix = gw.config.auth_prefix
+        if target.path == prefix or target.path.startswith(prefix + "/"):
+            raise NotFound()  # the auth prefix belongs to the gateway; never forwarded
+        return await pipeline.handle(gw, request, target)
+    handler = own.get(request.method) or (own.get("GET") if request.method == "HEAD" else None)
+    if handler is None:
+        raise MethodNotAllowed(set(own) | ({"HEAD"} if "GET" in own else set()))
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    await request.app[GATEWAY].store.ping()
+    return web.json_response({"status": "ready"}, headers={"Cache-Control": "no-store"})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Renders every error as JSON: ours, aiohttp's (a body over its limit, say), and, as
+    the last resort, anything unexpected as a bare 500 without detail."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        request[ERROR] = exc.reason
+        return errors.response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        mapped = GatewayError(_STATUS_CODES.get(exc.status, "http_error"), exc.reason)
+        mapped.status = exc.status
+        return errors.response(mapped)
+    except Exception:
+        log.exception("unhandled_error", extra={"fields": {"path": request.get(PATH)}})
+        return errors.response(GatewayError())
+
+
+class _EveryPath(web.PlainResource):
+    """A resource at "/" that claims every request, whatever its path (the router consults
+    "/" last, for any path); see the module docstring."""
+
+    def __init__(self, handler: web.Handler) -> None:
+        super().__init__("/")
+        self._route = self.add_route("*", handler)
+
+    async def resolve(self, request: web.Request) -> tuple[web.UrlMappingMatchInfo, set[str]]:
+        return web.UrlMappingMatchInfo({}, self._route), {"*"}

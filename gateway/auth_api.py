@@ -1,0 +1,224 @@
+"""The gateway's own endpoints under the auth prefix (``/auth`` by default).
+
+Each handler reads the same way: check where the request comes from, parse a bounded body,
+call sessions/tokens/credentials, answer. State-changing endpoints are POST-only and refuse
+cross-site requests by ``Origin``/``Sec-Fetch-Site``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from string import Template
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from aiohttp import web
+
+from . import cookies, errors
+from .errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from .paths import safe_next
+from .pipeline import authenticate
+from .proxy import strip_hop_by_hop
+from .sessions import RefreshRefused
+from .state import GATEWAY, Gateway
+from .store import Session, User
+
+security = logging.getLogger("gateway.security")
+
+BODY_LIMIT = 16 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PAGE = Template(resources.files(__package__).joinpath("login.html").read_text(encoding="utf-8"))
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def endpoints(prefix: str) -> dict[str, dict[str, Handler]]:
+    return {
+        f"{prefix}/login": {"GET": login_page, "POST": login},
+        f"{prefix}/refresh": {"POST": refresh},
+        f"{prefix}/logout": {"POST": logout},
+        f"{prefix}/logout-all": {"POST": logout_all},
+        f"{prefix}/me": {"GET": me},
+    }
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+
+async def login_page(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return _page(gw, safe_next(request.query.get("next")), error="", status=200)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    _same_origin(gw, request)
+    fields, is_form = await _read_fields(request)
+    username, password = fields.get("username"), fields.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or not username \
+            or len(username) > 256 or len(password) > 1024:
+        raise BadRequest("invalid_request", "Send a username and a password as strings.")
+    ip = gw.proxy.client_ip(request)
+    try:
+        user = await gw.credentials.check(username, password)
+    except Unauthorized as exc:
+        security.info("login_failed", extra={"fields": {"user": username[:64], "ip": ip,
+                                                        "reason": exc.reason}})
+        if is_form:
+            return _page(gw, safe_next(fields.get("next")), status=401,
+                         error="The user name or password is incorrect.")
+        raise
+    session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
+    security.info("login", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
+    if is_form:
+        response: web.StreamResponse = web.Response(
+            status=303, headers={"Location": safe_next(fields.get("next")), **_NO_STORE})
+    else:
+        response = web.Response()
+    return _signed_in(gw, response, user, session, refresh_token)
+
+
+async def refresh(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    _same_origin(gw, request)
+    token = cookies.read(strip_hop_by_hop(request.raw_headers), gw.config.cookies.refresh.name)
+    if token is None:
+        raise Unauthorized("invalid_token", "No refresh token was sent.")
+    try:
+        done = await gw.sessions.refresh(token)
+    except RefreshRefused as exc:
+        fields = {"reason": exc.reason, "ip": gw.proxy.client_ip(request)}
+        if exc.reason == "reused":
+            session = await gw.sessions.find(token)
+            fields |= {"user": session.user, "sid": session.id} if session else {}
+            security.warning("refresh_token_reused", extra={"fields": fields})
+        else:
+            security.info("refresh_refused", extra={"fields": fields})
+        response = errors.response(exc)
+        cookies.clear(response, gw.config.cookies)
+        return response
+    return _signed_in(gw, web.Response(), done.user, done.session, done.refresh_token)
+
+
+async def logout(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    _same_origin(gw, request)
+    inbound = strip_hop_by_hop(request.raw_headers)
+    session_id = None
+    token = cookies.read(inbound, gw.config.cookies.refresh.name)
+    if token is not None:
+        session = await gw.sessions.find(token)
+        session_id = session.id if session else None
+    if session_id is None:
+        try:
+            session_id = authenticate(gw, inbound).sid
+        except (Unauthorized, BadRequest):
+            pass  # nothing to end; the cookies are cleared all the same
+    if session_id is not None and await gw.sessions.end(session_id, "logout"):
+        security.info("logout", extra={"fields": {"sid": session_id, "ip": gw.proxy.client_ip(request)}})
+    response = web.Response(status=204, headers=_NO_STORE)
+    cookies.clear(response, gw.config.cookies)
+    return response
+
+
+async def logout_all(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    _same_origin(gw, request)
+    identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
+    ended = await gw.sessions.end_all(identity.sub, "logout_all")
+    security.info("logout_all", extra={"fields": {"user": identity.sub, "ended": ended,
+                                                  "ip": gw.proxy.client_ip(request)}})
+    response = web.Response(status=204, headers=_NO_STORE)
+    cookies.clear(response, gw.config.cookies)
+    return response
+
+
+async def me(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
+    return web.json_response(identity.claims, headers=_NO_STORE)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _signed_in(gw: Gateway, response: web.Response, user: User, session: Session,
+               refresh_token: str) -> web.Response:
+    """Mint an access token for ``session`` and put it and the refresh token on
+    ``response``: the access token in the body for API clients, both in cookies."""
+    access_token, expires_in = gw.tokens.issue(user.name, user.roles, session.id)
+    if response.status == 200:
+        response.text = json.dumps({"access_token": access_token, "token_type": "Bearer",
+                                    "expires_in": expires_in})
+        response.content_type = "application/json"
+        response.headers.update(_NO_STORE)
+    cfg = gw.config.cookies
+    cookies.set_access(response, cfg, access_token, min(expires_in, gw.sessions.remaining(session)))
+    cookies.set_refresh(response, cfg, refresh_token, gw.sessions.remaining(session))
+    return response
+
+
+def _same_origin(gw: Gateway, request: web.Request) -> None:
+    """Refuse a request that a browser sent from another site (CSRF). Requests without
+    ``Origin`` and ``Sec-Fetch-Site`` (curl, API clients) carry no ambient credentials worth
+    forging, and pass."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        raise Forbidden("csrf", "Cross-site requests are not allowed here.")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    if gw.config.public_url is not None:
+        allowed = origin == gw.config.public_url
+    else:
+        parts = urlsplit(origin)
+        allowed = parts.scheme in ("http", "https") and parts.netloc == request.host
+    if not allowed:
+        raise Forbidden("csrf", "Cross-site requests are not allowed here.")
+
+
+async def _read_fields(request: web.Request) -> tuple[dict[str, Any], bool]:
+    """The body as fields, and whether it was a form. At most BODY_LIMIT bytes are read,
+    whether or not the client declared a length."""
+    if request.content_length is not None and request.content_length > BODY_LIMIT:
+        raise PayloadTooLarge()
+    kind = request.content_type
+    if kind not in ("application/json", "application/x-www-form-urlencoded"):
+        raise UnsupportedMediaType()
+    body = await request.content.read(BODY_LIMIT + 1)
+    while len(body) <= BODY_LIMIT and not request.content.at_eof():
+        more = await request.content.read(BODY_LIMIT + 1 - len(body))
+        if not more:
+            break
+        body += more
+    if len(body) > BODY_LIMIT:
+        raise PayloadTooLarge()
+    try:
+        text = body.decode("utf-8")
+        if kind == "application/json":
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            return data, False
+        return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=20)), True
+    except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
+        raise BadRequest("invalid_request", "The body is not valid JSON or form data.") from None
+
+
+def _page(gw: Gateway, next_path: str, *, error: str, status: int) -> web.Response:
+    page = _PAGE.substitute(
+        action=html.escape(f"{gw.config.auth_prefix}/login"),
+        next=html.escape(next_path),
+        error=html.escape(error),
+        error_hidden="" if error else "hidden",
+    )
+    return web.Response(text=page, content_type="text/html", status=status, headers={
+        **_NO_STORE,
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                   "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+    })

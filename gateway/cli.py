@@ -1,0 +1,228 @@
+"""``gateway`` on the command line: parse arguments, call the Python API, map errors to exit
+codes. A user error is one line on stderr and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from . import config as config_module
+from . import users
+from .errors import ConfigError, UserError
+from .store import Store, open_store
+
+T = TypeVar("T")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        if args.command != "check":
+            print(f"gateway: {args.config}: {len(exc.problems)} problem(s) in the config:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr if args.command != "check" else sys.stdout)
+        return 1
+    except UserError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    default_config = os.environ.get("GATEWAY_CONFIG", "gateway.yaml")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=default_config,
+                        help="config file (default: $GATEWAY_CONFIG, else gateway.yaml)")
+    with_store = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_store.add_argument("--store", help="store URL; overrides the config's, which is then not read")
+
+    parser = argparse.ArgumentParser(prog="gateway", description="An authenticating reverse proxy.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="serve")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("check", parents=[common], help="validate the config")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("demo", help="run a demo: an example app behind a gateway, with demo users")
+    p.add_argument("--port", type=int, default=8080, help="the gateway's port (0: any free port)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("users", help="manage users")
+    users_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    u = users_sub.add_parser("add", parents=[with_store], help="create a user")
+    u.add_argument("name")
+    u.add_argument("--role", action="append", default=[], help="a role (repeatable)")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    u.set_defaults(func=_users_add)
+    u = users_sub.add_parser("list", parents=[with_store], help="list users")
+    u.set_defaults(func=_users_list)
+    for action, helptext in (("remove", "delete a user and end their sessions"),
+                             ("disable", "stop a user from signing in and end their sessions"),
+                             ("enable", "let a disabled user sign in again")):
+        u = users_sub.add_parser(action, parents=[with_store], help=helptext)
+        u.add_argument("name")
+        u.set_defaults(func=_users_change)
+    u = users_sub.add_parser("passwd", parents=[with_store], help="set a password and end the user's sessions")
+    u.add_argument("name")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    u.set_defaults(func=_users_passwd)
+
+    p = sub.add_parser("sessions", help="see and end sessions")
+    sessions_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = sessions_sub.add_parser("list", parents=[with_store], help="list live sessions")
+    s.add_argument("--user")
+    s.set_defaults(func=_sessions_list)
+    s = sessions_sub.add_parser("revoke", parents=[with_store], help="end sessions")
+    group = s.add_mutually_exclusive_group(required=True)
+    group.add_argument("--user")
+    group.add_argument("--session")
+    s.set_defaults(func=_sessions_revoke)
+    return parser
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    cfg = config_module.load(args.config)
+    serve(cfg, host=args.host, port=args.port)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config)
+    print(f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams, "
+          f"store {cfg.store.split(':', 1)[0]})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(port=args.port)
+    return 0
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    users.check_username(args.name)
+    roles = users.check_roles(args.role)
+    password = _password(args, confirm=True)
+
+    async def go(store: Store) -> None:
+        await users.add(store, args.name, password, list(roles))
+
+    _with_store(args, go)
+    print(f"added user {args.name}" + (f" with roles {', '.join(roles)}" if roles else ""))
+    return 0
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    rows = _with_store(args, lambda store: store.list_users())
+    _table(["NAME", "ROLES", "STATE", "CREATED"],
+           [[u.name, ",".join(u.roles) or "-", "disabled" if u.disabled else "active", _when(u.created_at)]
+            for u in rows])
+    return 0
+
+
+def _users_change(args: argparse.Namespace) -> int:
+    action = {"remove": users.remove, "disable": users.disable, "enable": users.enable}[args.action]
+    ended = _with_store(args, lambda store: action(store, args.name))
+    suffix = f"; ended {ended} session(s)" if ended else ""
+    print(f"{_past(args.action)} user {args.name}{suffix}")
+    return 0
+
+
+def _users_passwd(args: argparse.Namespace) -> int:
+    password = _password(args, confirm=True)
+    ended = _with_store(args, lambda store: users.passwd(store, args.name, password))
+    print(f"changed the password of {args.name}; ended {ended} session(s)")
+    return 0
+
+
+def _sessions_list(args: argparse.Namespace) -> int:
+    now = time.time()
+    rows = _with_store(args, lambda store: store.list_sessions(args.user))
+    live = [s for s in rows if s.revoked_at is None and s.expires_at > now]
+    _table(["SESSION", "USER", "CREATED", "LAST USED", "IP", "USER AGENT"],
+           [[s.id, s.user, _when(s.created_at), _when(s.last_used_at), s.ip or "-",
+             (s.user_agent or "-")[:40]] for s in live])
+    return 0
+
+
+def _sessions_revoke(args: argparse.Namespace) -> int:
+    async def go(store: Store) -> int:
+        if args.user:
+            return await store.revoke_user_sessions(args.user, time.time(), "admin_revoke")
+        return int(await store.revoke_session(args.session, time.time(), "admin_revoke"))
+
+    ended = _with_store(args, go)
+    print(f"ended {ended} session(s)")
+    return 0 if ended or args.user else 1
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
+    url = args.store or config_module.load(args.config).store
+
+    async def go() -> T:
+        try:
+            store = await open_store(url)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _password(args: argparse.Namespace, *, confirm: bool) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Password again: ") != password:
+            raise UserError("the passwords do not match")
+    else:
+        raise UserError("no terminal to ask for a password; pass it on stdin with --password-stdin")
+    return users.check_password(password)
+
+
+def _past(action: str) -> str:
+    return {"remove": "removed", "disable": "disabled", "enable": "enabled"}[action]
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -1,0 +1,688 @@
+"""Typed, frozen configuration.
+
+``load(path)`` reads YAML, replaces ``${VAR}`` / ``${VAR:-default}`` from the environment,
+reads ``<key>_file`` secrets, and checks every key. It reports *every* problem at once, each
+with its key path and line (``routes[2].access.roles (line 31): expected a list of
+strings``), by raising :class:`~gateway.errors.ConfigError`. Nothing here is re-validated
+per request: the rest of the gateway trusts a ``Config``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+# --- the shape ------------------------------------------------------------------------------
+
+AccessKind = Literal["public", "authenticated", "rules"]
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a request must carry. ``rules`` means: authenticated, and holding any one of
+    ``roles`` (when given) and every one of ``claims`` (when given)."""
+
+    kind: AccessKind
+    roles: frozenset[str] = frozenset()
+    claims: tuple[tuple[str, str | int | bool], ...] = ()
+
+    @property
+    def is_public(self) -> bool:
+        return self.kind == "public"
+
+
+PUBLIC = Access("public")
+AUTHENTICATED = Access("authenticated")
+
+
+@dataclass(frozen=True)
+class Route:
+    index: int
+    path: str
+    # None: every method. Otherwise the methods listed (HEAD is implied by GET).
+    methods: frozenset[str] | None
+    # Access per method; "*" is every method not named.
+    access: Mapping[str, Access]
+    upstream: str
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    url: str
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    algorithm: str
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    issuer: str
+    audience: str
+    keys: tuple[SigningKey, ...]
+    access_ttl: float = 15 * 60
+    refresh_ttl: float = 14 * 86400
+    refresh_idle_ttl: float = 3 * 86400
+    reuse_grace: float = 10.0
+    leeway: float = 5.0
+
+
+SameSite = Literal["Strict", "Lax", "None"]
+
+
+@dataclass(frozen=True)
+class Cookie:
+    name: str
+    same_site: SameSite
+    path: str
+    domain: str | None = None
+
+
+@dataclass(frozen=True)
+class Cookies:
+    secure: bool
+    access: Cookie
+    refresh: Cookie
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen
+    public_url: str | None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    store: str
+    auth_prefix: str
+    upstreams: Mapping[str, Upstream]
+    tokens: Tokens
+    cookies: Cookies
+    identity_headers: tuple[tuple[str, str], ...]
+    routes: tuple[Route, ...]
+    source: str = "<memory>"
+
+
+# --- loading --------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header and method names
+_KID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+_ROLE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()+,=:@%-]+$")
+_HMAC_MIN_BYTES = {"HS256": 32}
+# Values that appear in examples and tutorials. A token signed with one of them can be
+# forged by anyone who has read the same page.
+_PLACEHOLDER_SECRETS = {
+    "secret", "changeme", "change-me", "change_me", "changeit", "password", "your-secret",
+    "your-256-bit-secret", "your_jwt_secret", "jwt-secret", "supersecret", "replace-me",
+    "example", "test", "default",
+}
+_TOP_KEYS = {
+    "listen", "public_url", "trusted_proxies", "store", "auth_prefix", "upstreams", "tokens",
+    "cookies", "users", "identity_headers", "routes",
+}
+METHODS_KNOWN = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``15m``, ``12h``, ``14d`` (and ``500ms``) as seconds; ValueError otherwise."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: config file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.__class__.__name__}"]) from None
+    return parse(text, base_dir=p.parent, env=os.environ if env is None else env, source=str(p))
+
+
+def parse(
+    text: str,
+    *,
+    base_dir: Path = Path("."),
+    env: Mapping[str, str] | None = None,
+    source: str = "<memory>",
+) -> Config:
+    r = _Reader(base_dir, os.environ if env is None else env)
+    try:
+        data, r.lines = _compose(text, r)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError([f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        data = {}
+    cfg = _config(r, data, source)
+    if r.problems:
+        raise ConfigError(r.problems)
+    assert cfg is not None
+    return cfg
+
+
+def _compose(text: str, r: _Reader) -> tuple[Any, dict[str, int]]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        if node is None:
+            return None, lines
+        _index_lines(node, "", lines, r)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
+
+
+def _index_lines(node: yaml.Node, path: str, lines: dict[str, int], r: _Reader) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            sub = _join(path, key)
+            if key in seen:
+                r.problems.append(f"{sub} (line {key_node.start_mark.line + 1}): key given twice")
+            seen.add(key)
+            _index_lines(value_node, sub, lines, r)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, f"{path}[{i}]", lines, r)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Reader:
+    """Collects problems; every accessor reports and returns a placeholder on a bad value, so
+    that one pass finds everything."""
+
+    def __init__(self, base_dir: Path, env: Mapping[str, str]) -> None:
+        self.base_dir = base_dir
+        self.env = env
+        self.lines: dict[str, int] = {}
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        line = self.lines.get(path)
+        if line is None:  # a missing key: point at its parent
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            line = self.lines.get(parent) if parent else None
+        where = f"{path or '<top>'}" + (f" (line {line})" if line else "")
+        self.problems.append(f"{where}: {message}")
+
+    def expand(self, value: Any, path: str) -> Any:
+        if not isinstance(value, str) or "$" not in value:
+            return value
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            got = self.env.get(name)
+            if got is None or (got == "" and default is not None):
+                if default is None:
+                    self.problem(path, f"environment variable {name} is not set")
+                    return ""
+                return default
+            return got
+
+        return _ENV.sub(sub, value)
+
+    def section(self, value: Any, path: str, keys: set[str]) -> _Section:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.problem(path, "expected a mapping")
+            value = {}
+        for key in value:
+            if str(key) not in keys:
+                choices = ", ".join(sorted(keys))
+                self.problem(_join(path, str(key)), f"unknown key (expected one of: {choices})")
+        return _Section(self, value, path)
+
+
+class _Section:
+    def __init__(self, r: _Reader, data: dict[Any, Any], path: str) -> None:
+        self.r, self.data, self.path = r, data, path
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self.r.expand(self.data.get(key, default), self.at(key))
+
+    def require(self, key: str) -> Any:
+        if key not in self.data or self.data[key] is None:
+            self.r.problem(self.at(key), "is required")
+            return None
+        return self.raw(key)
+
+    def str(
+        self,
+        key: str,
+        default: str | None = None,
+        *,
+        required: bool = False,
+        pattern: re.Pattern[str] | None = None,
+        choices: tuple[str, ...] = (),
+    ) -> str:
+        value = self.require(key) if required else self.raw(key, default)
+        if value is None:
+            return default or ""
+        if not isinstance(value, str):
+            self.r.problem(self.at(key), f"expected a string, got {_kind(value)}")
+            return default or ""
+        if choices and value.lower() not in {c.lower() for c in choices}:
+            self.r.problem(self.at(key), f"must be one of: {', '.join(choices)}")
+            return default or ""
+        if pattern is not None and not pattern.match(value):
+            self.r.problem(self.at(key), f"{value!r} is not a valid value")
+            return default or ""
+        return value
+
+    def int(self, key: str, default: int, *, lo: int, hi: int) -> int:
+        value = self.raw(key, default)
+        if isinstance(value, str) and value.strip().isdigit():  # e.g. from ${PORT}
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.r.problem(self.at(key), f"expected an integer, got {_kind(value)}")
+            return default
+        if not lo <= value <= hi:
+            self.r.problem(self.at(key), f"must be between {lo} and {hi}")
+            return default
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if isinstance(value, str) and value.lower() in {"true", "false"}:
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            self.r.problem(self.at(key), f"expected true or false, got {_kind(value)}")
+            return default
+        return value
+
+    def duration(self, key: str, default: float, *, lo: float = 0, hi: float = 366 * 86400) -> float:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.r.problem(self.at(key), f"expected a duration like 30s, 15m, 12h, 14d, got {_kind(value)}")
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            self.r.problem(self.at(key), f"{value!r} is not a duration like 30s, 15m, 12h, 14d")
+            return default
+        if not lo <= seconds <= hi:
+            self.r.problem(self.at(key), f"must be between {_fmt(lo)} and {_fmt(hi)}")
+            return default
+        return seconds
+
+    def secret(self, key: str) -> bytes:
+        """``key: value`` or ``key_file: PATH`` (read relative to the config file)."""
+        file_key = f"{key}_file"
+        if self.has(key) and self.has(file_key):
+            self.r.problem(self.at(key), f"give either {key} or {file_key}, not both")
+            return b""
+        if self.has(file_key):
+            name = self.str(file_key)
+            if not name:
+                return b""
+            path = self.r.base_dir / name
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                self.r.problem(self.at(file_key), f"cannot read {name}: {exc.strerror or exc}")
+                return b""
+            return data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
+        value = self.str(key, required=True)
+        return value.encode()
+
+    def list(self, key: str) -> list[Any]:
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.r.problem(self.at(key), f"expected a list, got {_kind(value)}")
+            return []
+        return value
+
+    def strings(self, key: str, *, pattern: re.Pattern[str] | None = None) -> list[str]:
+        out = []
+        for i, item in enumerate(self.list(key)):
+            item = self.r.expand(item, f"{self.at(key)}[{i}]")
+            if not isinstance(item, str) or (pattern is not None and not pattern.match(item)):
+                self.r.problem(f"{self.at(key)}[{i}]", f"{item!r} is not a valid value")
+                continue
+            out.append(item)
+        return out
+
+    def mapping(self, key: str) -> Iterator[tuple[str, Any, str]]:
+        value = self.data.get(key)
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            self.r.problem(self.at(key), f"expected a mapping, got {_kind(value)}")
+            return
+        for k, v in value.items():
+            yield str(k), v, _join(self.at(key), str(k))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _fmt(seconds: float) -> str:
+    for unit in ("d", "h", "m", "s"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds}s"
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+def _config(r: _Reader, data: Any, source: str) -> Config | None:
+    top = r.section(data, "", _TOP_KEYS)
+    listen_s = r.section(top.raw("listen"), "listen", {"host", "port"})
+    listen = Listen(host=listen_s.str("host", "0.0.0.0"), port=listen_s.int("port", 8080, lo=1, hi=65535))
+    public_url = _public_url(top)
+    auth_prefix = top.str("auth_prefix", "/auth")
+    if not re.match(r"^(/[A-Za-z0-9._~-]+)+$", auth_prefix):
+        r.problem("auth_prefix", "must be a path such as /auth")
+        auth_prefix = "/auth"
+    upstreams = _upstreams(r, top)
+    tokens = _tokens(r, top)
+    cookies = _cookies(r, top, auth_prefix, public_url)
+    users = r.section(top.raw("users"), "users", {"source"})
+    users.str("source", "store", choices=("store",))
+    identity_headers = _identity_headers(top)
+    routes = _routes(r, top, upstreams)
+    return Config(
+        listen=listen,
+        public_url=public_url,
+        trusted_proxies=_networks(top),
+        store=_store(r, top),
+        auth_prefix=auth_prefix,
+        upstreams=upstreams,
+        tokens=tokens,
+        cookies=cookies,
+        identity_headers=identity_headers,
+        routes=routes,
+        source=source,
+    )
+
+
+def _public_url(top: _Section) -> str | None:
+    url = top.str("public_url", "")
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"} \
+            or parts.query or parts.fragment:
+        top.r.problem("public_url", "must be an http(s) origin such as https://app.example.com")
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _networks(top: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for i, item in enumerate(top.list("trusted_proxies")):
+        try:
+            out.append(ipaddress.ip_network(str(top.r.expand(item, "")), strict=False))
+        except ValueError:
+            top.r.problem(f"trusted_proxies[{i}]", f"{item!r} is not an IP address or CIDR")
+    return tuple(out)
+
+
+def _store(r: _Reader, top: _Section) -> str:
+    url = top.str("store", "sqlite:gateway.db")
+    if url.startswith("sqlite:///"):
+        return url
+    if url.startswith("sqlite:") and not url.startswith("sqlite://") and len(url) > len("sqlite:"):
+        # relative to the config file, so `gateway -c dir/gateway.yaml` finds the same store
+        # whatever the working directory
+        return "sqlite:///" + str((r.base_dir / url[len("sqlite:"):]).resolve()).lstrip("/")
+    r.problem("store", "expected sqlite:///ABSOLUTE/PATH.db or sqlite:RELATIVE/PATH.db")
+    return url
+
+
+def _upstreams(r: _Reader, top: _Section) -> dict[str, Upstream]:
+    out: dict[str, Upstream] = {}
+    for name, value, path in top.mapping("upstreams"):
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+            r.problem(path, "upstream names use letters, digits, _ and -")
+        s = r.section(value, path, {"url", "timeout", "connect_timeout"})
+        url = s.str("url", required=True)
+        parts = urlsplit(url)
+        if url and (parts.scheme not in {"http", "https"} or not parts.hostname):
+            r.problem(s.at("url"), "must be an http:// or https:// URL")
+        elif url and (parts.path not in {"", "/"} or parts.query):
+            r.problem(s.at("url"), "must be an origin without a path, such as http://127.0.0.1:8000")
+        out[name] = Upstream(
+            name=name,
+            url=f"{parts.scheme}://{parts.netloc}",
+            timeout=s.duration("timeout", 30.0, lo=0.001, hi=3600),
+            connect_timeout=s.duration("connect_timeout", 5.0, lo=0.001, hi=300),
+        )
+    if not out:
+        r.problem("upstreams", "at least one upstream is required")
+    return out
+
+
+def _tokens(r: _Reader, top: _Section) -> Tokens:
+    s = r.section(top.raw("tokens"), "tokens", {
+        "issuer", "audience", "keys", "access_ttl", "refresh_ttl", "refresh_idle_ttl",
+        "reuse_grace", "leeway",
+    })
+    if not top.has("tokens"):
+        r.problem("tokens", "is required (issuer, audience, keys)")
+    keys: list[SigningKey] = []
+    for i, item in enumerate(s.list("keys")):
+        path = f"tokens.keys[{i}]"
+        k = r.section(item, path, {"kid", "algorithm", "secret", "secret_file"})
+        kid = k.str("kid", required=True, pattern=_KID)
+        algorithm = k.str("algorithm", "HS256", choices=tuple(_HMAC_MIN_BYTES)).upper()
+        secret = k.secret("secret")
+        _check_secret(r, k.at("secret"), secret, algorithm)
+        if kid and any(key.kid == kid for key in keys):
+            r.problem(k.at("kid"), f"kid {kid!r} is used by an earlier key")
+        keys.append(SigningKey(kid=kid, algorithm=algorithm, secret=secret))
+    if top.has("tokens") and not keys:
+        r.problem("tokens.keys", "at least one key is required; the first one signs")
+    access_ttl = s.duration("access_ttl", 15 * 60, lo=1, hi=86400)
+    refresh_ttl = s.duration("refresh_ttl", 14 * 86400, lo=60, hi=366 * 86400)
+    idle = s.duration("refresh_idle_ttl", min(3 * 86400, refresh_ttl), lo=60, hi=366 * 86400)
+    if idle > refresh_ttl:
+        r.problem("tokens.refresh_idle_ttl", "must not be longer than tokens.refresh_ttl")
+    if access_ttl > refresh_ttl:
+        r.problem("tokens.access_ttl", "must not be longer than tokens.refresh_ttl")
+    return Tokens(
+        issuer=s.str("issuer", required=top.has("tokens")),
+        audience=s.str("audience", required=top.has("tokens")),
+        keys=tuple(keys),
+        access_ttl=access_ttl,
+        refresh_ttl=refresh_ttl,
+        refresh_idle_ttl=idle,
+        reuse_grace=s.duration("reuse_grace", 10, lo=0, hi=300),
+        leeway=s.duration("leeway", 5, lo=0, hi=60),
+    )
+
+
+def _check_secret(r: _Reader, path: str, secret: bytes, algorithm: str) -> None:
+    if not secret:
+        return  # already reported: missing, unset variable or unreadable file
+    need = _HMAC_MIN_BYTES.get(algorithm, 32)
+    if secret.strip().lower().decode("utf-8", "replace") in _PLACEHOLDER_SECRETS:
+        r.problem(path, "is a well-known placeholder; generate one with: openssl rand -base64 48")
+    elif len(secret) < need:
+        r.problem(path, f"is {len(secret)} bytes; {algorithm} needs at least {need} "
+                        "(generate one with: openssl rand -base64 48)")
+    elif len(set(secret)) < 8:
+        r.problem(path, "has almost no variety; generate one with: openssl rand -base64 48")
+
+
+def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None) -> Cookies:
+    s = r.section(top.raw("cookies"), "cookies", {"secure", "access", "refresh"})
+    secure = s.bool("secure", True)
+    if not secure and public_url and public_url.startswith("https://"):
+        r.problem("cookies.secure", "must be true when public_url is https")
+
+    def cookie(key: str, name: str, same_site: str, path: str) -> Cookie:
+        c = r.section(s.raw(key), s.at(key), {"name", "same_site", "path", "domain"})
+        site = c.str("same_site", same_site, choices=("strict", "lax", "none")).capitalize()
+        if site == "None" and not secure:
+            r.problem(c.at("same_site"), "none needs cookies.secure: true (browsers refuse it otherwise)")
+        domain = c.str("domain", "") or None
+        return Cookie(
+            name=c.str("name", name, pattern=_COOKIE_NAME),
+            same_site=site,  # type: ignore[arg-type]
+            path=c.str("path", path, pattern=re.compile(r"^/[A-Za-z0-9._~/-]*$")),
+            domain=domain,
+        )
+
+    access = cookie("access", "gw_access", "lax", "/")
+    refresh = cookie("refresh", "gw_refresh", "strict", auth_prefix)
+    if not (auth_prefix + "/").startswith(refresh.path.rstrip("/") + "/"):
+        r.problem("cookies.refresh.path", f"must cover {auth_prefix}, where the refresh endpoint is")
+    if access.name == refresh.name:
+        r.problem("cookies.refresh.name", "must differ from cookies.access.name")
+    return Cookies(secure=secure, access=access, refresh=refresh)
+
+
+def _identity_headers(top: _Section) -> tuple[tuple[str, str], ...]:
+    if not top.has("identity_headers"):
+        return (("X-Auth-User", "sub"), ("X-Auth-Roles", "roles"))
+    out = []
+    for header, claim, path in top.mapping("identity_headers"):
+        if not _TOKEN.match(header):
+            top.r.problem(path, "is not a valid header name")
+        elif header.lower() in {"host", "authorization", "cookie", "content-length", "transfer-encoding"}:
+            top.r.problem(path, "cannot carry identity")
+        if not isinstance(claim, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", claim):
+            top.r.problem(path, "expected a claim name such as sub or roles")
+            continue
+        out.append((header, claim))
+    return tuple(out)
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tuple[Route, ...]:
+    items = top.list("routes")
+    if not items and not top.has("routes"):
+        r.problem("routes", "at least one route is required (a request that matches none is denied)")
+    out = []
+    for i, item in enumerate(items):
+        path = f"routes[{i}]"
+        s = r.section(item, path, {"path", "methods", "access", "upstream"})
+        pattern = s.str("path", required=True)
+        if pattern:
+            error = check_pattern(pattern)
+            if error:
+                r.problem(s.at("path"), error)
+        methods = None
+        if s.has("methods"):
+            methods = frozenset(m.upper() for m in s.strings("methods", pattern=_TOKEN))
+            if not methods:
+                r.problem(s.at("methods"), "expected a non-empty list of methods")
+        access = _route_access(r, s.raw("access", "authenticated"), s.at("access"))
+        upstream = s.str("upstream", next(iter(upstreams)) if len(upstreams) == 1 else None,
+                         required=len(upstreams) > 1)
+        if upstream and upstreams and upstream not in upstreams:
+            r.problem(s.at("upstream"), f"no upstream named {upstream!r} (have: {', '.join(upstreams)})")
+        out.append(Route(index=i, path=pattern, methods=methods, access=access, upstream=upstream))
+    return tuple(out)
+
+
+def check_pattern(pattern: str) -> str | None:
+    """Why a route path pattern is not valid, or None. Patterns are ``/exact``, ``/x/*``
+    (one segment) and ``/x/**`` (any depth, and ``/x`` itself), written in normalized form."""
+    if not pattern.startswith("/"):
+        return "must start with /"
+    if pattern == "/":
+        return None
+    segments = pattern[1:].split("/")
+    for n, seg in enumerate(segments):
+        last = n == len(segments) - 1
+        if seg in {"*", "**"}:
+            if not last:
+                return "* and ** may only be the last segment"
+            continue
+        if last and seg == "":
+            continue  # a trailing slash, as in /docs/
+        if seg in {"", ".", ".."} or not _SEGMENT.match(seg) or "*" in seg:
+            return f"segment {seg!r} is not allowed (use /exact, /prefix/* or /prefix/**)"
+    return None
+
+
+def _route_access(r: _Reader, value: Any, path: str) -> Mapping[str, Access]:
+    if isinstance(value, dict) and value and all(
+        str(k) == "*" or str(k).upper() in METHODS_KNOWN or (str(k).isupper() and _TOKEN.match(str(k)))
+        for k in value
+    ):
+        per_method = {}
+        for method, sub in value.items():
+            key = "*" if str(method) == "*" else str(method).upper()
+            per_method[key] = _access(r, sub, _join(path, str(method)))
+        return per_method
+    return {"*": _access(r, value, path)}
+
+
+def _access(r: _Reader, value: Any, path: str) -> Access:
+    value = r.expand(value, path)
+    if value == "public":
+        return PUBLIC
+    if value == "authenticated":
+        return AUTHENTICATED
+    if not isinstance(value, dict):
+        r.problem(path, "expected public, authenticated, {roles: [...]} or {claims: {...}}")
+        return AUTHENTICATED
+    s = r.section(value, path, {"roles", "claims"})
+    roles = frozenset(s.strings("roles", pattern=_ROLE))
+    if s.has("roles") and not roles:
+        r.problem(s.at("roles"), "expected a non-empty list of role names")
+    claims = []
+    for name, want, cpath in s.mapping("claims"):
+        if isinstance(want, (str, int, bool)) and not isinstance(want, float):
+            claims.append((name, want))
+        else:
+            r.problem(cpath, "expected a string, number or boolean")
+    if not s.has("roles") and not s.has("claims"):
+        r.problem(path, "expected roles or claims")
+    return Access("rules", roles=roles, claims=tuple(claims))

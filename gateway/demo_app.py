@@ -1,0 +1,1 @@
+../examples/legacy-app/app.py

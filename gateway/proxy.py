@@ -1,0 +1,182 @@
+"""The upstream hop: which headers cross it, and streaming both bodies through.
+
+Header rules, in the order they apply:
+
+1. The client's hop-by-hop headers go first, with *every* header its ``Connection`` header
+   names. This happens before authentication, so ``Connection: Authorization`` drops the
+   token rather than letting the gateway authenticate and then forward without it, and no
+   client can make the gateway drop a header it adds later.
+2. What the upstream must only hear from the gateway goes next: identity headers (every
+   case and every copy), ``Authorization``, the gateway's cookies, method-override and
+   URL-rewrite headers, and forwarding headers unless the peer is a trusted proxy.
+3. The gateway then sets identity and ``X-Forwarded-*`` headers itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import cookies
+from .config import Config, Route
+from .errors import BadGateway, GatewayTimeout
+from .paths import Target
+from .tokens import Identity
+
+log = logging.getLogger("gateway.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+})
+# Believed only from a trusted proxy; regenerated otherwise.
+FORWARDING = frozenset({
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
+    "x-forwarded-prefix", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-server",
+    "forwarded", "x-real-ip",
+})
+# Never honoured and never forwarded: they let a client change the method or path that an
+# upstream acts on after the gateway authorized another one.
+NEVER_FORWARDED = frozenset({
+    "authorization", "host", "expect", "x-http-method-override", "x-http-method",
+    "x-method-override", "x-original-url", "x-rewrite-url", "x-original-uri",
+})
+CHUNK = 64 * 1024
+
+
+def strip_hop_by_hop(raw_headers: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The client's headers, minus hop-by-hop headers and those ``Connection`` names."""
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers)
+    named = {token.strip().lower() for value in headers.getall("Connection", ())
+             for token in value.split(",")}
+    drop = HOP_BY_HOP | named
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.trusted = config.trusted_proxies
+        self._identity = tuple((header, claim) for header, claim in config.identity_headers)
+        self._always_drop = NEVER_FORWARDED | {h.lower() for h, _ in config.identity_headers}
+        self._own_cookies = (config.cookies.access.name, config.cookies.refresh.name)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            auto_decompress=False,  # bodies pass through as the upstream sent them
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def is_trusted(self, peer: str | None) -> bool:
+        if not peer or not self.trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)
+
+    def client_ip(self, request: web.BaseRequest) -> str:
+        """The client's address: the TCP peer, or, behind trusted proxies, the rightmost
+        ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
+        peer = request.remote or ""
+        if not self.is_trusted(peer):
+            return peer
+        hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+        for hop in reversed(hops):
+            if hop and not self.is_trusted(hop):
+                return hop
+        return peer
+
+    def upstream_headers(
+        self, request: web.BaseRequest, inbound: CIMultiDict[str], identity: Identity | None
+    ) -> CIMultiDict[str]:
+        trusted = self.is_trusted(request.remote)
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in inbound.items():
+            lower = name.lower()
+            if lower in self._always_drop or (lower in FORWARDING and not trusted):
+                continue
+            if lower == "cookie":
+                value = cookies.without(value, self._own_cookies)
+                if not value:
+                    continue
+            out.add(name, value)
+        if identity is not None:
+            for header, claim in self._identity:
+                value = identity.claims.get(claim)
+                if isinstance(value, list):
+                    value = ",".join(str(v) for v in value)
+                if isinstance(value, bool) or not isinstance(value, (str, int)):
+                    continue
+                text = str(value)
+                if text.isascii() and text.isprintable():  # never CR, LF or NUL in a header
+                    out[header] = text
+        peer = request.remote or ""
+        prior = inbound.get("X-Forwarded-For") if trusted else None
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        if not (trusted and "X-Forwarded-Proto" in inbound):
+            out["X-Forwarded-Proto"] = request.scheme
+        if not (trusted and "X-Forwarded-Host" in inbound) and request.host:
+            out["X-Forwarded-Host"] = request.host
+        return out
+
+    async def forward(
+        self, request: web.Request, target: Target, route: Route, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        assert self._session is not None, "Proxy.start() was not called"
+        upstream = self.config.upstreams[route.upstream]
+        url = URL(upstream.url + target.path_qs, encoded=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout,
+                                        sock_read=upstream.timeout)
+        try:
+            answer = await self._session.request(
+                request.method, url, headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False, timeout=timeout,
+            )
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise GatewayTimeout().because(f"timeout:{upstream.name}") from None
+        except aiohttp.ClientError as exc:
+            raise BadGateway().because(f"{exc.__class__.__name__}:{upstream.name}") from None
+        try:
+            return await self._relay(request, answer)
+        finally:
+            answer.release()
+
+    async def _relay(self, request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        named = {t.strip().lower() for v in answer.headers.getall("Connection", ()) for t in v.split(",")}
+        for raw_name, raw_value in answer.raw_headers:
+            name = raw_name.decode("latin-1")
+            if name.lower() not in HOP_BY_HOP and name.lower() not in named:
+                response.headers.add(name, raw_value.decode("latin-1"))
+        await response.prepare(request)
+        try:
+            async for chunk in answer.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are out; the only honest signal left is to cut the connection, so the
+            # client sees a truncated body rather than a complete-looking one.
+            log.warning("upstream_aborted", extra={"fields": {"reason": exc.__class__.__name__}})
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response

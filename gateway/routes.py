@@ -1,0 +1,85 @@
+"""The compiled route table: which route decides a request, and what it requires.
+
+The first route whose *path* matches decides. A method that route does not allow is a 405:
+it never falls through to a later, weaker route. HEAD is authorized as GET.
+
+Routes that protect (anything but ``public``) match case-insensitively and ``public`` routes
+match case-sensitively, so that playing with case (``/ADMIN/users`` against an upstream
+that ignores case) can only make a request *more* protected, never less.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Access, Route
+from .errors import MethodNotAllowed, NotFound
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    route: Route
+    kind: str  # "exact" | "one" (/x/*) | "any" (/x/**)
+    prefix: str  # the literal part, lower-cased when the route protects
+    fold_case: bool
+
+
+class RouteTable:
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        self._compiled = tuple(_compile(route) for route in routes)
+
+    def match(self, path: str) -> Route | None:
+        folded = path.lower()
+        for c in self._compiled:
+            if _matches(c, folded if c.fold_case else path):
+                return c.route
+        return None
+
+    def decide(self, method: str, path: str) -> tuple[Route, Access]:
+        """The route for this request and the access it requires; NotFound when no route
+        matches, MethodNotAllowed when the matching route does not allow the method."""
+        route = self.match(path)
+        if route is None:
+            raise NotFound()
+        return route, access_for(route, method)
+
+
+def access_for(route: Route, method: str) -> Access:
+    as_method = "GET" if method == "HEAD" else method
+    if route.methods is not None and as_method not in route.methods:
+        raise MethodNotAllowed(allowed_methods(route))
+    access = route.access.get(as_method) or route.access.get("*")
+    if access is None:
+        raise MethodNotAllowed(allowed_methods(route))
+    return access
+
+
+def allowed_methods(route: Route) -> set[str]:
+    named = set(route.methods or ()) or {m for m in route.access if m != "*"}
+    if "GET" in named:
+        named.add("HEAD")
+    return named
+
+
+def _compile(route: Route) -> _Compiled:
+    fold = not all(a.is_public for a in route.access.values())
+    pattern = route.path.lower() if fold else route.path
+    if pattern.endswith("/**"):
+        return _Compiled(route, "any", pattern[:-3], fold)
+    if pattern.endswith("/*"):
+        return _Compiled(route, "one", pattern[:-1], fold)
+    return _Compiled(route, "exact", pattern, fold)
+
+
+def _matches(c: _Compiled, path: str) -> bool:
+    if c.kind == "exact":
+        return path == c.prefix
+    if c.kind == "any":
+        # "/x/**" is "/x" itself and anything below it; "/**" is everything
+        return path == c.prefix or path.startswith(c.prefix + "/") or not c.prefix
+    # "/x/*": exactly one more non-empty segment, with or without a trailing slash
+    if not path.startswith(c.prefix):
+        return False
+    rest = path[len(c.prefix):].removesuffix("/")
+    return bool(rest) and "/" not in rest

@@ -1,0 +1,33 @@
+"""Serving: the process around the application (logging, listening, signals)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from . import logs
+from .app import create_app
+from .config import Config
+
+log = logging.getLogger("gateway")
+
+
+def serve(config: Config, *, host: str | None = None, port: int | None = None,
+          ready: Callable[[], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM. ``ready`` is called once the port is listening."""
+    logs.setup()
+    host = host or config.listen.host
+    port = port if port is not None else config.listen.port
+    log.info("starting", extra={"fields": {"config": config.source, "host": host, "port": port,
+                                           "routes": len(config.routes)}})
+    web.run_app(
+        create_app(config),
+        host=host,
+        port=port,
+        access_log_class=logs.AccessLog,
+        access_log=logging.getLogger("gateway.access"),
+        print=(lambda _banner: ready()) if ready else None,
+        shutdown_timeout=10,
+    )

@@ -1,0 +1,119 @@
+"""Refresh sessions as token families.
+
+A login starts a session (``sid``) carrying a chain of opaque refresh tokens of 256 bits,
+stored only as SHA-256 hashes (a high-entropy token needs no slow hash, and lookup by hash
+keeps the comparison out of our code's timing). Each refresh exchanges the newest token for
+its successor in one atomic store operation; the rules for grace and replay are
+:func:`gateway.store.judge_refresh`.
+
+A successor is not drawn at random but derived: ``HMAC(chain_key, token)``, where the
+session's ``chain_key`` never leaves the server. So the same token presented twice within
+the grace period (two tabs, a retry after a lost answer) gets the *same* successor, and
+exactly one chain exists. Without the key, holding one token says nothing about the next.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import Tokens
+from .errors import Unauthorized
+from .store import RefreshRules, Session, Store, User
+
+_REFRESH_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # token_urlsafe(32)
+
+
+class RefreshRefused(Unauthorized):
+    """A refresh token that cannot be exchanged: unknown, expired, revoked or replayed."""
+
+    code = "invalid_token"
+    description = "The refresh token is not valid."
+
+
+_REFUSALS = {
+    "unknown": ("invalid_token", "The refresh token is not valid."),
+    "revoked": ("session_revoked", "The session has ended; sign in again."),
+    "expired": ("session_expired", "The session has expired; sign in again."),
+    "reused": ("refresh_token_reused", "The refresh token was already used; the session has ended."),
+}
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    session: Session
+    user: User
+    refresh_token: str
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def successor(chain_key: bytes, token: str) -> str:
+    digest = hmac.new(chain_key, token.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+class Sessions:
+    def __init__(self, store: Store, cfg: Tokens, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.clock = clock
+        self.rules = RefreshRules(idle_ttl=cfg.refresh_idle_ttl, reuse_grace=cfg.reuse_grace)
+
+    async def start(self, user: User, ip: str, user_agent: str) -> tuple[Session, str]:
+        now = self.clock()
+        session = Session(
+            id=secrets.token_urlsafe(16),
+            user=user.name,
+            created_at=now,
+            last_used_at=now,
+            expires_at=now + self.cfg.refresh_ttl,
+            ip=ip,
+            user_agent=user_agent[:256],
+            chain_key=secrets.token_bytes(32),
+        )
+        token = secrets.token_urlsafe(32)
+        await self.store.create_session(session, hash_token(token))
+        return session, token
+
+    async def refresh(self, token: str) -> Refreshed:
+        if not _REFRESH_TOKEN.match(token):
+            raise RefreshRefused(*_REFUSALS["unknown"]).because("malformed")
+        old_hash = hash_token(token)
+        found = await self.store.session_of_refresh(old_hash)
+        if found is None:
+            raise RefreshRefused(*_REFUSALS["unknown"]).because("unknown")
+        new_token = successor(found.chain_key, token)
+        rotation = await self.store.rotate_refresh(old_hash, hash_token(new_token), self.clock(),
+                                                   self.rules)
+        if rotation.outcome not in ("rotated", "grace") or rotation.session is None:
+            raise RefreshRefused(*_REFUSALS[rotation.outcome]).because(rotation.outcome)
+        session = rotation.session
+        user = await self.store.get_user(session.user)
+        if user is None or user.disabled:
+            await self.store.revoke_session(session.id, self.clock(), "user_disabled")
+            raise RefreshRefused(*_REFUSALS["revoked"]).because("user_disabled")
+        return Refreshed(session, user, new_token)
+
+    async def end(self, session_id: str, reason: str) -> bool:
+        return await self.store.revoke_session(session_id, self.clock(), reason)
+
+    async def end_all(self, user: str, reason: str) -> int:
+        return await self.store.revoke_user_sessions(user, self.clock(), reason)
+
+    async def find(self, token: str) -> Session | None:
+        """The session a refresh token belongs to (any generation), without using it."""
+        if not _REFRESH_TOKEN.match(token):
+            return None
+        return await self.store.session_of_refresh(hash_token(token))
+
+    def remaining(self, session: Session) -> int:
+        """Seconds until the session ends at the latest: a refresh cookie's Max-Age."""
+        return max(0, int(session.expires_at - self.clock()))

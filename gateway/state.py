@@ -1,0 +1,52 @@
+"""The gateway's parts, built once from one config: what every handler reaches through
+``request.app[GATEWAY]``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import Config, Route
+from .credentials import Credentials
+from .proxy import Proxy
+from .routes import RouteTable
+from .sessions import Sessions
+from .store import Store
+from .tokens import AccessTokens
+
+
+@dataclass(frozen=True)
+class Gateway:
+    config: Config
+    store: Store
+    clock: Callable[[], float]
+    routes: RouteTable
+    tokens: AccessTokens
+    sessions: Sessions
+    credentials: Credentials
+    proxy: Proxy
+
+    @classmethod
+    def build(cls, config: Config, store: Store, clock: Callable[[], float]) -> Gateway:
+        return cls(
+            config=config,
+            store=store,
+            clock=clock,
+            routes=RouteTable(config.routes),
+            tokens=AccessTokens(config.tokens, clock),
+            sessions=Sessions(store, config.tokens, clock),
+            credentials=Credentials(store),
+            proxy=Proxy(config),
+        )
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+# What one request learned on its way, for the access log.
+PATH = web.RequestKey("path", str)  # the normalized path
+IP = web.RequestKey("ip", str)  # the client's address (see Proxy.client_ip)
+ROUTE = web.RequestKey("route", Route)
+USER = web.RequestKey("user", str)
+ERROR = web.RequestKey("error", str)  # why the request was refused, for logs only

@@ -1,0 +1,135 @@
+"""The storage contract: users, sessions and their refresh-token chains.
+
+Every backend implements :class:`Store`. Rotation is one store operation
+(:meth:`Store.rotate_refresh`), atomic in each backend, and every backend decides its outcome
+with the same pure function, :func:`judge_refresh`, so the rules live in one place.
+Refresh tokens are never stored, only their SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Outcome = Literal["rotated", "grace", "reused", "revoked", "expired", "unknown"]
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password_hash: str
+    roles: tuple[str, ...] = ()
+    disabled: bool = False
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    user: str
+    created_at: float
+    last_used_at: float
+    expires_at: float  # absolute: login + refresh_ttl, however often it is refreshed
+    generation: int = 0  # generation of the newest refresh token in the chain
+    revoked_at: float | None = None
+    revoked_reason: str | None = None
+    ip: str = ""
+    user_agent: str = ""
+    # Secret to the server: each refresh token's successor is derived from the token and this
+    # key (see gateway.sessions), so a repeated refresh yields the same successor.
+    chain_key: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class RefreshRules:
+    idle_ttl: float
+    reuse_grace: float
+
+
+@dataclass(frozen=True)
+class Rotation:
+    outcome: Outcome
+    session: Session | None = None
+
+
+def judge_refresh(
+    session: Session, generation: int, used_at: float | None, now: float, rules: RefreshRules
+) -> Outcome:
+    """What presenting the refresh token of ``generation`` (used at ``used_at``, or never)
+    means for ``session`` at ``now``.
+
+    Only the newest token of a chain rotates. The one just before it is still honoured for
+    ``reuse_grace`` after it was used (parallel tabs, a retried request whose answer was
+    lost): it gets the same successor again, so the chain never forks. Any other used token
+    is a replay: someone holds a copy of a token that has already been exchanged, so the
+    whole session is ended (RFC 9700 section 4.14.2).
+    """
+    if session.revoked_at is not None:
+        return "revoked"
+    if now >= session.expires_at or now >= session.last_used_at + rules.idle_ttl:
+        return "expired"
+    if used_at is None and generation == session.generation:
+        return "rotated"
+    if used_at is not None and generation == session.generation - 1 \
+            and now - used_at <= rules.reuse_grace:
+        return "grace"
+    return "reused"
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    # users
+    async def add_user(self, user: User) -> None:
+        """Raise UserError when the name is taken."""
+
+    async def get_user(self, name: str) -> User | None: ...
+
+    async def list_users(self) -> list[User]: ...
+
+    async def update_user(
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        roles: tuple[str, ...] | None = None,
+        disabled: bool | None = None,
+    ) -> bool:
+        """False when there is no such user."""
+
+    async def remove_user(self, name: str) -> bool: ...
+
+    # sessions
+    async def create_session(self, session: Session, refresh_hash: bytes) -> None: ...
+
+    async def rotate_refresh(
+        self, old_hash: bytes, new_hash: bytes, now: float, rules: RefreshRules
+    ) -> Rotation:
+        """Atomically judge the token with :func:`judge_refresh` and apply the outcome:
+        ``rotated`` marks it used and stores ``new_hash`` as the next generation; ``grace``
+        only touches the session; ``reused`` revokes the session. ``unknown`` when no such
+        token is stored."""
+
+    async def get_session(self, session_id: str) -> Session | None: ...
+
+    async def session_of_refresh(self, refresh_hash: bytes) -> Session | None:
+        """The session that a refresh token of any generation belongs to."""
+
+    async def list_sessions(self, user: str | None = None) -> list[Session]: ...
+
+    async def revoke_session(self, session_id: str, now: float, reason: str) -> bool:
+        """False when there is no such live session."""
+
+    async def revoke_user_sessions(self, user: str, now: float, reason: str) -> int:
+        """How many live sessions were ended."""
+
+
+async def open_store(url: str) -> Store:
+    if url.startswith("sqlite:///"):
+        from .sqlite import SQLiteStore
+
+        return await SQLiteStore.open("/" + url[len("sqlite:///"):])
+    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")

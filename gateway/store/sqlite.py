@@ -1,0 +1,288 @@
+"""The embedded store: one SQLite file in WAL mode, through aiosqlite.
+
+One connection per process. Statements of one operation run under a lock, inside
+``BEGIN IMMEDIATE`` when they write, so an operation is atomic against other coroutines of
+this process and against other processes sharing the file. ``synchronous=NORMAL`` in WAL
+mode keeps every committed transaction across a crash of the process (``kill -9``); a power
+loss may lose the last moments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..errors import StoreUnavailable, UserError
+from . import RefreshRules, Rotation, Session, User, judge_refresh
+
+# Each entry moves the schema up one version (PRAGMA user_version). Never edit a released
+# entry; append a new one.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            roles TEXT NOT NULL DEFAULT '[]',
+            disabled INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_used_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            generation INTEGER NOT NULL,
+            revoked_at REAL,
+            revoked_reason TEXT,
+            ip TEXT NOT NULL DEFAULT '',
+            user_agent TEXT NOT NULL DEFAULT '',
+            chain_key BLOB NOT NULL
+        )""",
+        "CREATE INDEX sessions_by_user ON sessions (user)",
+        """CREATE TABLE refresh_tokens (
+            hash BLOB PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            generation INTEGER NOT NULL,
+            used_at REAL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX refresh_tokens_by_session ON refresh_tokens (session_id)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_SESSION_COLUMNS = ("id, user, created_at, last_used_at, expires_at, generation, revoked_at, "
+                    "revoked_reason, ip, user_agent, chain_key")
+
+
+class SQLiteStore:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str) -> SQLiteStore:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN ourselves
+        except (OSError, sqlite3.Error) as exc:
+            raise UserError(f"cannot open the store at {path}: {exc}") from None
+        store = cls(db)
+        try:
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                           "busy_timeout=5000"):
+                await db.execute(f"PRAGMA {pragma}")
+            await store._migrate()
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise UserError(f"cannot use the store at {path}: {exc}") from None
+        return store
+
+    async def _migrate(self) -> None:
+        async with self._write() as db:
+            version = (await self._one("PRAGMA user_version"))[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(f"the store's schema (version {version}) is newer than this "
+                                f"gateway knows (version {SCHEMA_VERSION}); upgrade the gateway")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number]:
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def ping(self) -> None:
+        async with self._read():
+            await self._one("SELECT 1")
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            try:
+                yield self._db
+            except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
+                raise StoreUnavailable().because(f"sqlite: {exc.__class__.__name__}") from exc
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._read() as db:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        cursor = await self._db.execute(sql, params)
+        try:
+            return await cursor.fetchone()
+        finally:
+            await cursor.close()
+
+    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        cursor = await self._db.execute(sql, params)
+        try:
+            return list(await cursor.fetchall())
+        finally:
+            await cursor.close()
+
+    # --- users ----------------------------------------------------------------------------
+
+    async def add_user(self, user: User) -> None:
+        try:
+            async with self._write() as db:
+                await db.execute(
+                    "INSERT INTO users (name, password_hash, roles, disabled, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (user.name, user.password_hash, json.dumps(list(user.roles)),
+                     int(user.disabled), user.created_at),
+                )
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise UserError(f"user {user.name!r} already exists") from None
+            raise
+
+    async def get_user(self, name: str) -> User | None:
+        async with self._read():
+            row = await self._one(
+                "SELECT name, password_hash, roles, disabled, created_at FROM users WHERE name = ?",
+                (name,))
+        return _user(row) if row else None
+
+    async def list_users(self) -> list[User]:
+        async with self._read():
+            rows = await self._all(
+                "SELECT name, password_hash, roles, disabled, created_at FROM users ORDER BY name")
+        return [_user(row) for row in rows]
+
+    async def update_user(
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        roles: tuple[str, ...] | None = None,
+        disabled: bool | None = None,
+    ) -> bool:
+        changes: dict[str, Any] = {}
+        if password_hash is not None:
+            changes["password_hash"] = password_hash
+        if roles is not None:
+            changes["roles"] = json.dumps(list(roles))
+        if disabled is not None:
+            changes["disabled"] = int(disabled)
+        if not changes:
+            return await self.get_user(name) is not None
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        async with self._write() as db:
+            cursor = await db.execute(f"UPDATE users SET {assignments} WHERE name = ?",
+                                      (*changes.values(), name))
+            return cursor.rowcount == 1
+
+    async def remove_user(self, name: str) -> bool:
+        async with self._write() as db:
+            cursor = await db.execute("DELETE FROM users WHERE name = ?", (name,))
+            return cursor.rowcount == 1
+
+    # --- sessions -------------------------------------------------------------------------
+
+    async def create_session(self, session: Session, refresh_hash: bytes) -> None:
+        async with self._write() as db:
+            await db.execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _session_row(session))
+            await db.execute(
+                "INSERT INTO refresh_tokens (hash, session_id, generation, used_at) "
+                "VALUES (?, ?, ?, NULL)", (refresh_hash, session.id, session.generation))
+
+    async def rotate_refresh(
+        self, old_hash: bytes, new_hash: bytes, now: float, rules: RefreshRules
+    ) -> Rotation:
+        async with self._write() as db:
+            row = await self._one(
+                f"SELECT t.generation, t.used_at, {_prefixed('s.')} FROM refresh_tokens t "
+                "JOIN sessions s ON s.id = t.session_id WHERE t.hash = ?", (old_hash,))
+            if row is None:
+                return Rotation("unknown")
+            generation, used_at, session = row[0], row[1], _session(row[2:])
+            outcome = judge_refresh(session, generation, used_at, now, rules)
+            if outcome == "rotated":
+                await db.execute("UPDATE refresh_tokens SET used_at = ? WHERE hash = ?", (now, old_hash))
+                await db.execute(
+                    "INSERT INTO refresh_tokens (hash, session_id, generation, used_at) "
+                    "VALUES (?, ?, ?, NULL)", (new_hash, session.id, generation + 1))
+                session = replace(session, generation=generation + 1, last_used_at=now)
+                await db.execute("UPDATE sessions SET generation = ?, last_used_at = ? WHERE id = ?",
+                                 (session.generation, now, session.id))
+            elif outcome == "grace":
+                session = replace(session, last_used_at=now)
+                await db.execute("UPDATE sessions SET last_used_at = ? WHERE id = ?", (now, session.id))
+            elif outcome == "reused":
+                session = replace(session, revoked_at=now, revoked_reason="refresh_token_reused")
+                await db.execute(
+                    "UPDATE sessions SET revoked_at = ?, revoked_reason = ? WHERE id = ?",
+                    (now, session.revoked_reason, session.id))
+            return Rotation(outcome, session)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        async with self._read():
+            row = await self._one(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,))
+        return _session(row) if row else None
+
+    async def session_of_refresh(self, refresh_hash: bytes) -> Session | None:
+        async with self._read():
+            row = await self._one(
+                f"SELECT {_prefixed('s.')} FROM refresh_tokens t "
+                "JOIN sessions s ON s.id = t.session_id WHERE t.hash = ?", (refresh_hash,))
+        return _session(row) if row else None
+
+    async def list_sessions(self, user: str | None = None) -> list[Session]:
+        where, params = ("WHERE user = ?", (user,)) if user is not None else ("", ())
+        async with self._read():
+            rows = await self._all(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions {where} ORDER BY created_at", params)
+        return [_session(row) for row in rows]
+
+    async def revoke_session(self, session_id: str, now: float, reason: str) -> bool:
+        async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE sessions SET revoked_at = ?, revoked_reason = ? "
+                "WHERE id = ? AND revoked_at IS NULL", (now, reason, session_id))
+            return cursor.rowcount == 1
+
+    async def revoke_user_sessions(self, user: str, now: float, reason: str) -> int:
+        async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE sessions SET revoked_at = ?, revoked_reason = ? "
+                "WHERE user = ? AND revoked_at IS NULL", (now, reason, user))
+            return cursor.rowcount
+
+
+def _user(row: Sequence[Any]) -> User:
+    return User(name=row[0], password_hash=row[1], roles=tuple(json.loads(row[2])),
+                disabled=bool(row[3]), created_at=row[4])
+
+
+def _session(row: Sequence[Any]) -> Session:
+    return Session(*row)
+
+
+def _session_row(s: Session) -> tuple[Any, ...]:
+    return (s.id, s.user, s.created_at, s.last_used_at, s.expires_at, s.generation,
+            s.revoked_at, s.revoked_reason, s.ip, s.user_agent, s.chain_key)
+
+
+def _prefixed(prefix: str) -> str:
+    return ", ".join(prefix + column.strip() for column in _SESSION_COLUMNS.split(","))

@@ -1,0 +1,74 @@
+"""Managing users: the operations behind ``gateway users ...``.
+
+Changing a password, disabling or removing a user ends every session of that user: whoever
+held them must prove who they are again.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+from .credentials import hash_password
+from .errors import UserError
+from .store import Store, User
+
+USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+ROLE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+
+def check_username(name: str) -> str:
+    if not USERNAME.match(name):
+        raise UserError(f"invalid user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', "
+                        "starting with a letter or digit")
+    return name
+
+
+def check_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise UserError(f"the password must have at most {MAX_PASSWORD_LENGTH} characters")
+    return password
+
+
+def check_roles(roles: list[str]) -> tuple[str, ...]:
+    for role in roles:
+        if not ROLE.match(role):
+            raise UserError(f"invalid role {role!r}: use letters, digits, '.', '_', ':', '@' or '-'")
+    return tuple(dict.fromkeys(roles))
+
+
+async def add(store: Store, name: str, password: str, roles: list[str],
+              clock: Callable[[], float] = time.time) -> User:
+    user = User(name=check_username(name), password_hash=hash_password(check_password(password)),
+                roles=check_roles(roles), created_at=clock())
+    await store.add_user(user)
+    return user
+
+
+async def passwd(store: Store, name: str, password: str, clock: Callable[[], float] = time.time) -> int:
+    if not await store.update_user(name, password_hash=hash_password(check_password(password))):
+        raise UserError(f"no user named {name!r}")
+    return await store.revoke_user_sessions(name, clock(), "password_changed")
+
+
+async def disable(store: Store, name: str, clock: Callable[[], float] = time.time) -> int:
+    if not await store.update_user(name, disabled=True):
+        raise UserError(f"no user named {name!r}")
+    return await store.revoke_user_sessions(name, clock(), "user_disabled")
+
+
+async def remove(store: Store, name: str, clock: Callable[[], float] = time.time) -> int:
+    ended = await store.revoke_user_sessions(name, clock(), "user_removed")
+    if not await store.remove_user(name):
+        raise UserError(f"no user named {name!r}")
+    return ended
+
+
+async def enable(store: Store, name: str) -> None:
+    if not await store.update_user(name, disabled=False):
+        raise UserError(f"no user named {name!r}")
