@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .state import ERROR, IP, PATH, ROUTE, USER
 
@@ -43,6 +44,16 @@ def setup(level: str = "INFO") -> None:
     root.setLevel(level)
     # aiohttp's own access logger is replaced by AccessLog below
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_redact_parser_errors)
+
+
+def _redact_parser_errors(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it cannot parse with the offending bytes, which may be a
+    token or a cookie. Keep the fact and the kind of error, drop the bytes."""
+    if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+        record.fields = {"reason": record.exc_info[1].__class__.__name__}
+        record.msg, record.args, record.exc_info, record.exc_text = "malformed_request", (), None, None
+    return True
 
 
 class AccessLog(AbstractAccessLogger):

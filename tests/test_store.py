@@ -1,0 +1,133 @@
+"""The storage contract, run against every backend (SQLite today), with a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import UserError
+from gateway.sessions import hash_token
+from gateway.store import RefreshRules, Session, Store, User, open_store
+from gateway.store.sqlite import SCHEMA_VERSION
+
+RULES = RefreshRules(idle_ttl=3600, reuse_grace=10)
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await open_store(f"sqlite:///{str(tmp_path / 'store.db').lstrip('/')}")
+    yield opened
+    await opened.close()
+
+
+def session(sid: str = "s1", user: str = "alice", **changes: object) -> Session:
+    values: dict[str, object] = dict(id=sid, user=user, created_at=T0, last_used_at=T0,
+                                     expires_at=T0 + 86400, chain_key=b"k" * 32)
+    values.update(changes)
+    return Session(**values)  # type: ignore[arg-type]
+
+
+async def test_users_round_trip(store: Store) -> None:
+    await store.add_user(User("alice", "hash-a", ("user", "dev"), created_at=T0))
+    await store.add_user(User("bob", "hash-b", ("admin",), created_at=T0))
+    with pytest.raises(UserError):
+        await store.add_user(User("alice", "other"))
+    assert await store.get_user("alice") == User("alice", "hash-a", ("user", "dev"), False, T0)
+    assert await store.get_user("nobody") is None
+    assert [u.name for u in await store.list_users()] == ["alice", "bob"]
+    assert await store.update_user("alice", roles=("ops",), disabled=True)
+    assert (await store.get_user("alice")) == User("alice", "hash-a", ("ops",), True, T0)
+    assert not await store.update_user("nobody", disabled=True)
+    assert await store.remove_user("bob") and not await store.remove_user("bob")
+
+
+async def test_rotation_outcomes(store: Store) -> None:
+    await store.create_session(session(), hash_token("t0"))
+    assert (await store.rotate_refresh(hash_token("nope"), hash_token("x"), T0, RULES)).outcome == "unknown"
+
+    first = await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 5, RULES)
+    assert first.outcome == "rotated"
+    assert first.session is not None and first.session.generation == 1
+    assert first.session.last_used_at == T0 + 5
+
+    # the previous token, inside the grace period: honoured, no new link
+    again = await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 14, RULES)
+    assert again.outcome == "grace" and again.session is not None and again.session.generation == 1
+
+    assert (await store.rotate_refresh(hash_token("t1"), hash_token("t2"), T0 + 20, RULES)).outcome == "rotated"
+    # t0 is now two links back: a replay, whatever the time
+    replay = await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 21, RULES)
+    assert replay.outcome == "reused"
+    assert replay.session is not None and replay.session.revoked_reason == "refresh_token_reused"
+    assert (await store.get_session("s1")).revoked_at == T0 + 21  # type: ignore[union-attr]
+    assert (await store.rotate_refresh(hash_token("t2"), hash_token("t3"), T0 + 22, RULES)).outcome == "revoked"
+
+
+async def test_replay_after_grace_is_reuse(store: Store) -> None:
+    await store.create_session(session(), hash_token("t0"))
+    await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0, RULES)
+    assert (await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 10.5, RULES)).outcome == "reused"
+
+
+async def test_expiry_absolute_and_idle(store: Store) -> None:
+    await store.create_session(session("abs", expires_at=T0 + 100), hash_token("a0"))
+    await store.create_session(session("idle"), hash_token("i0"))
+    assert (await store.rotate_refresh(hash_token("a0"), hash_token("a1"), T0 + 100, RULES)).outcome == "expired"
+    assert (await store.rotate_refresh(hash_token("i0"), hash_token("i1"), T0 + 3600, RULES)).outcome == "expired"
+
+
+async def test_concurrent_rotation_makes_one_successor(store: Store) -> None:
+    await store.create_session(session(), hash_token("t0"))
+    results = await asyncio.gather(*(
+        store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 1, RULES) for _ in range(30)))
+    outcomes = sorted(r.outcome for r in results)
+    assert outcomes == ["grace"] * 29 + ["rotated"]
+    assert (await store.get_session("s1")).generation == 1  # type: ignore[union-attr]
+
+
+async def test_revocation(store: Store) -> None:
+    for sid, user in (("a1", "alice"), ("a2", "alice"), ("b1", "bob")):
+        await store.create_session(session(sid, user), hash_token(sid))
+    assert await store.revoke_session("a1", T0, "logout")
+    assert not await store.revoke_session("a1", T0, "logout")  # already ended
+    assert not await store.revoke_session("missing", T0, "logout")
+    assert await store.revoke_user_sessions("alice", T0 + 1, "logout_all") == 1
+    by_id = {s.id: s for s in await store.list_sessions()}
+    assert by_id["a1"].revoked_reason == "logout" and by_id["a2"].revoked_reason == "logout_all"
+    assert by_id["b1"].revoked_at is None
+    assert [s.id for s in await store.list_sessions("bob")] == ["b1"]
+    assert (await store.session_of_refresh(hash_token("a2"))).id == "a2"  # type: ignore[union-attr]
+
+
+async def test_sqlite_file_is_wal_versioned_and_holds_no_plaintext_token(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    store = await open_store(f"sqlite:///{str(path).lstrip('/')}")
+    token = "plaintext-refresh-token-value-0123456789abc"
+    await store.create_session(session(), hash_token(token))
+    await store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+    assert token.encode() not in path.read_bytes()
+    reopened = await open_store(f"sqlite:///{str(path).lstrip('/')}")  # migrating again is a no-op
+    assert (await reopened.get_session("s1")) == session()
+    await reopened.close()
+
+
+async def test_sqlite_refuses_a_newer_schema_and_a_non_database(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(UserError, match="newer"):
+        await open_store(f"sqlite:///{str(path).lstrip('/')}")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(UserError, match="cannot use the store"):
+        await open_store(f"sqlite:///{str(junk).lstrip('/')}")
