@@ -84,7 +84,7 @@ class Sessions:
         return session, token
 
     async def refresh(self, token: str) -> Refreshed:
-        if not _REFRESH_TOKEN.match(token):
+        if not _REFRESH_TOKEN.fullmatch(token):
             raise RefreshRefused(*_REFUSALS["unknown"]).because("malformed")
         old_hash = hash_token(token)
         found = await self.store.session_of_refresh(old_hash)
@@ -110,7 +110,7 @@ class Sessions:
 
     async def find(self, token: str) -> Session | None:
         """The session a refresh token belongs to (any generation), without using it."""
-        if not _REFRESH_TOKEN.match(token):
+        if not _REFRESH_TOKEN.fullmatch(token):
             return None
         return await self.store.session_of_refresh(hash_token(token))
 

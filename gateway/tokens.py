@@ -71,7 +71,7 @@ class AccessTokens:
     def verify(self, token: str) -> Identity:
         # Shape first, before any decoding: bounded length, exactly three base64url parts
         # (a JWE has five and is never accepted).
-        if len(token) > MAX_TOKEN_LENGTH or not _B64URL.match(token):
+        if len(token) > MAX_TOKEN_LENGTH or not _B64URL.fullmatch(token):
             raise InvalidToken().because("malformed")
         try:
             header = jwt.get_unverified_header(token)
@@ -117,7 +117,7 @@ class AccessTokens:
         sub, sid, jti, roles = claims.get("sub"), claims.get("sid"), claims.get("jti"), claims.get("roles", [])
         if not (_text(sub) and _text(sid) and _text(jti)):
             raise InvalidToken().because("bad_claims")
-        if not isinstance(roles, list) or not all(isinstance(r, str) and _ROLE.match(r) for r in roles):
+        if not isinstance(roles, list) or not all(isinstance(r, str) and _ROLE.fullmatch(r) for r in roles):
             raise InvalidToken().because("bad_claims")
         return Identity(sub=sub, roles=tuple(roles), sid=sid, jti=jti, exp=float(exp),
                         claims=claims, token=token)

@@ -100,6 +100,7 @@ REFUSED = {
     "roles as string": lambda: sign(claims(roles="admin")),
     "roles as object": lambda: sign(claims(roles={"admin": True})),
     "roles nested": lambda: sign(claims(roles=[["admin"]])),
+    "role with a trailing newline": lambda: sign(claims(roles=["admin\n"])),
     "no sid": lambda: sign(claims(sid=...)),
     "five parts (JWE form)": lambda: "a.b.c.d.e",
     "two parts": lambda: "a.b",
