@@ -119,7 +119,12 @@ async def logout(request: web.Request) -> web.Response:
             pass  # nothing to end; the cookies are cleared all the same
     if session_id is not None and await gw.sessions.end(session_id, "logout"):
         security.info("logout", extra={"fields": {"sid": session_id, "ip": gw.proxy.client_ip(request)}})
-    response = web.Response(status=204, headers=_NO_STORE)
+    if request.content_type == "application/x-www-form-urlencoded":
+        # a sign-out button in a page: land on the sign-in page, not on an empty 204
+        response = web.Response(status=303, headers={
+            "Location": f"{gw.config.auth_prefix}/login", **_NO_STORE})
+    else:
+        response = web.Response(status=204, headers=_NO_STORE)
     cookies.clear(response, gw.config.cookies)
     return response
 

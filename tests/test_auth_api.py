@@ -299,6 +299,17 @@ async def test_logout_ends_the_session_and_clears_cookies(gw: Gateway) -> None:
     assert [s.revoked_reason for s in sessions] == ["logout"]
 
 
+async def test_logout_from_a_form_lands_on_the_sign_in_page(gw: Gateway) -> None:
+    login = await gw.login("alice")
+    async with gw.http.post(f"{gw.url}/auth/logout", data={}, allow_redirects=False,
+                            headers={"Cookie": f"gw_refresh={login['refresh_token']}"}) as resp:
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/auth/login"
+        assert resp.cookies["gw_refresh"]["max-age"] == "0"
+    async with gw.http.post(f"{gw.url}/auth/refresh", headers={"Cookie": f"gw_refresh={login['refresh_token']}"}) as resp:
+        assert resp.status == 401
+
+
 async def test_logout_with_only_the_access_token(gw: Gateway) -> None:
     login = await gw.login("alice")
     async with gw.http.post(f"{gw.url}/auth/logout", headers={"Authorization": f"Bearer {login['access_token']}"}) as resp:
