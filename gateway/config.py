@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError
+from .store import STORE_URL_FORMS, resolve_url
 
 # --- the shape ------------------------------------------------------------------------------
 
@@ -180,6 +181,8 @@ def parse(
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError([f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    except RecursionError:  # an alias inside itself (&a [*a]), or absurd nesting
+        raise ConfigError([f"{source}: not valid YAML: an alias refers to itself"]) from None
     if data is None:
         data = {}
     cfg = _config(r, data, source)
@@ -213,6 +216,7 @@ def _index_lines(node: yaml.Node, path: str, lines: dict[str, int], r: _Reader) 
                 r.problems.append(f"{sub} (line {key_node.start_mark.line + 1}): key given twice")
             seen.add(key)
             _index_lines(value_node, sub, lines, r)
+            lines[sub] = key_node.start_mark.line + 1  # the key's line: a block value starts below it
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _index_lines(item, f"{path}[{i}]", lines, r)
@@ -306,7 +310,7 @@ class _Section:
         if choices and value.lower() not in {c.lower() for c in choices}:
             self.r.problem(self.at(key), f"must be one of: {', '.join(choices)}")
             return default or ""
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             self.r.problem(self.at(key), f"{value!r} is not a valid value")
             return default or ""
         return value
@@ -365,8 +369,14 @@ class _Section:
             except OSError as exc:
                 self.r.problem(self.at(file_key), f"cannot read {name}: {exc.strerror or exc}")
                 return b""
-            return data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
+            data = data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
+            if not data:
+                self.r.problem(self.at(key), f"is empty ({name})")
+            return data
+        before = len(self.r.problems)
         value = self.str(key, required=True)
+        if not value and len(self.r.problems) == before:  # not already reported (unset, missing)
+            self.r.problem(self.at(key), "is empty")
         return value.encode()
 
     def list(self, key: str) -> list[Any]:
@@ -382,7 +392,7 @@ class _Section:
         out = []
         for i, item in enumerate(self.list(key)):
             item = self.r.expand(item, f"{self.at(key)}[{i}]")
-            if not isinstance(item, str) or (pattern is not None and not pattern.match(item)):
+            if not isinstance(item, str) or (pattern is not None and not pattern.fullmatch(item)):
                 self.r.problem(f"{self.at(key)}[{i}]", f"{item!r} is not a valid value")
                 continue
             out.append(item)
@@ -422,7 +432,7 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
     listen = Listen(host=listen_s.str("host", "0.0.0.0"), port=listen_s.int("port", 8080, lo=1, hi=65535))
     public_url = _public_url(top)
     auth_prefix = top.str("auth_prefix", "/auth")
-    if not re.match(r"^(/[A-Za-z0-9._~-]+)+$", auth_prefix):
+    if not re.fullmatch(r"^(/[A-Za-z0-9._~-]+)+$", auth_prefix):
         r.problem("auth_prefix", "must be a path such as /auth")
         auth_prefix = "/auth"
     upstreams = _upstreams(r, top)
@@ -462,29 +472,33 @@ def _public_url(top: _Section) -> str | None:
 def _networks(top: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
     for i, item in enumerate(top.list("trusted_proxies")):
+        path = f"trusted_proxies[{i}]"
+        before = len(top.r.problems)
+        value = top.r.expand(item, path)
+        if len(top.r.problems) > before:
+            continue  # an unset variable, already reported
         try:
-            out.append(ipaddress.ip_network(str(top.r.expand(item, "")), strict=False))
+            out.append(ipaddress.ip_network(str(value), strict=False))
         except ValueError:
-            top.r.problem(f"trusted_proxies[{i}]", f"{item!r} is not an IP address or CIDR")
+            top.r.problem(path, f"{item!r} is not an IP address or CIDR")
     return tuple(out)
 
 
 def _store(r: _Reader, top: _Section) -> str:
     url = top.str("store", "sqlite:gateway.db")
-    if url.startswith("sqlite:///"):
+    # A relative path is relative to the config file, so `gateway -c dir/gateway.yaml` finds
+    # the same store whatever the working directory.
+    resolved = resolve_url(url, r.base_dir)
+    if resolved is None:
+        r.problem("store", f"expected {STORE_URL_FORMS}")
         return url
-    if url.startswith("sqlite:") and not url.startswith("sqlite://") and len(url) > len("sqlite:"):
-        # relative to the config file, so `gateway -c dir/gateway.yaml` finds the same store
-        # whatever the working directory
-        return "sqlite:///" + str((r.base_dir / url[len("sqlite:"):]).resolve()).lstrip("/")
-    r.problem("store", "expected sqlite:///ABSOLUTE/PATH.db or sqlite:RELATIVE/PATH.db")
-    return url
+    return resolved
 
 
 def _upstreams(r: _Reader, top: _Section) -> dict[str, Upstream]:
     out: dict[str, Upstream] = {}
     for name, value, path in top.mapping("upstreams"):
-        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+        if not re.fullmatch(r"^[A-Za-z0-9_-]{1,64}$", name):
             r.problem(path, "upstream names use letters, digits, _ and -")
         s = r.section(value, path, {"url", "timeout", "connect_timeout"})
         url = s.str("url", required=True)
@@ -589,11 +603,11 @@ def _identity_headers(top: _Section) -> tuple[tuple[str, str], ...]:
         return (("X-Auth-User", "sub"), ("X-Auth-Roles", "roles"))
     out = []
     for header, claim, path in top.mapping("identity_headers"):
-        if not _TOKEN.match(header):
+        if not _TOKEN.fullmatch(header):
             top.r.problem(path, "is not a valid header name")
         elif header.lower() in {"host", "authorization", "cookie", "content-length", "transfer-encoding"}:
             top.r.problem(path, "cannot carry identity")
-        if not isinstance(claim, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", claim):
+        if not isinstance(claim, str) or not re.fullmatch(r"^[A-Za-z_][A-Za-z0-9_]*$", claim):
             top.r.problem(path, "expected a claim name such as sub or roles")
             continue
         out.append((header, claim))
@@ -646,14 +660,14 @@ def check_pattern(pattern: str) -> str | None:
             continue
         if last and seg == "":
             continue  # a trailing slash, as in /docs/
-        if seg in {"", ".", ".."} or not _SEGMENT.match(seg) or "*" in seg:
+        if seg in {"", ".", ".."} or not _SEGMENT.fullmatch(seg) or "*" in seg:
             return f"segment {seg!r} is not allowed (use /exact, /prefix/* or /prefix/**)"
     return None
 
 
 def _route_access(r: _Reader, value: Any, path: str) -> Mapping[str, Access]:
     if isinstance(value, dict) and value and all(
-        str(k) == "*" or str(k).upper() in METHODS_KNOWN or (str(k).isupper() and _TOKEN.match(str(k)))
+        str(k) == "*" or str(k).upper() in METHODS_KNOWN or (str(k).isupper() and _TOKEN.fullmatch(str(k)))
         for k in value
     ):
         per_method = {}

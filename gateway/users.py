@@ -21,7 +21,7 @@ MAX_PASSWORD_LENGTH = 1024
 
 
 def check_username(name: str) -> str:
-    if not USERNAME.match(name):
+    if not USERNAME.fullmatch(name):
         raise UserError(f"invalid user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', "
                         "starting with a letter or digit")
     return name
@@ -37,7 +37,7 @@ def check_password(password: str) -> str:
 
 def check_roles(roles: list[str]) -> tuple[str, ...]:
     for role in roles:
-        if not ROLE.match(role):
+        if not ROLE.fullmatch(role):
             raise UserError(f"invalid role {role!r}: use letters, digits, '.', '_', ':', '@' or '-'")
     return tuple(dict.fromkeys(roles))
 
