@@ -65,9 +65,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     request[PATH] = target.path
     own = request.app[_ENDPOINTS].get(target.path)
     if own is None:
-        prefix = gw.config.auth_prefix
-        if target.path == prefix or target.path.startswith(prefix + "/"):
-            raise NotFound()  # the auth prefix belongs to the gateway; never forwarded
+        prefix, path = gw.config.auth_prefix.lower(), target.path.lower()
+        if path == prefix or path.startswith(prefix + "/"):
+            raise NotFound()  # the auth prefix (in any case) belongs to the gateway
         return await pipeline.handle(gw, request, target)
     handler = own.get(request.method) or (own.get("GET") if request.method == "HEAD" else None)
     if handler is None:
@@ -92,16 +92,25 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         return await handler(request)
     except GatewayError as exc:
         request[ERROR] = exc.reason
-        return errors.response(exc)
+        response = errors.response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         mapped = GatewayError(_STATUS_CODES.get(exc.status, "http_error"), exc.reason)
         mapped.status = exc.status
-        return errors.response(mapped)
+        response = errors.response(mapped)
+    except ConnectionError:
+        # The client went away while we read its request; nobody is left to answer.
+        request[ERROR] = "client_disconnected"
+        response = web.Response(status=499)
     except Exception:
         log.exception("unhandled_error", extra={"fields": {"path": request.get(PATH)}})
-        return errors.response(GatewayError())
+        response = errors.response(GatewayError())
+    if request.body_exists and not request.content.at_eof():
+        # Refused before its body was read (a 401 for an upload, say): close rather than
+        # read and discard what may be gigabytes to keep the connection alive.
+        response.force_close()
+    return response
 
 
 class _EveryPath(web.PlainResource):

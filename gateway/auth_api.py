@@ -7,6 +7,7 @@ cross-site requests by ``Origin``/``Sec-Fetch-Site``.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
@@ -19,7 +20,8 @@ from urllib.parse import parse_qsl, urlsplit
 from aiohttp import web
 
 from . import cookies, errors
-from .errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from .errors import (BadRequest, Forbidden, PayloadTooLarge, RequestTimeout, Unauthorized,
+                     UnsupportedMediaType)
 from .paths import safe_next
 from .pipeline import authenticate
 from .proxy import strip_hop_by_hop
@@ -30,6 +32,7 @@ from .store import Session, User
 security = logging.getLogger("gateway.security")
 
 BODY_LIMIT = 16 * 1024
+BODY_TIMEOUT = 10.0  # seconds for a whole auth body to arrive
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PAGE = Template(resources.files(__package__).joinpath("login.html").read_text(encoding="utf-8"))
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -193,12 +196,10 @@ async def _read_fields(request: web.Request) -> tuple[dict[str, Any], bool]:
     kind = request.content_type
     if kind not in ("application/json", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType()
-    body = await request.content.read(BODY_LIMIT + 1)
-    while len(body) <= BODY_LIMIT and not request.content.at_eof():
-        more = await request.content.read(BODY_LIMIT + 1 - len(body))
-        if not more:
-            break
-        body += more
+    try:
+        body = await asyncio.wait_for(_read_at_most(request, BODY_LIMIT + 1), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise RequestTimeout() from None
     if len(body) > BODY_LIMIT:
         raise PayloadTooLarge()
     try:
@@ -211,6 +212,16 @@ async def _read_fields(request: web.Request) -> tuple[dict[str, Any], bool]:
         return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=20)), True
     except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
         raise BadRequest("invalid_request", "The body is not valid JSON or form data.") from None
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    body = b""
+    while len(body) < limit:
+        more = await request.content.read(limit - len(body))
+        if not more:
+            break
+        body += more
+    return body
 
 
 def _page(gw: Gateway, next_path: str, *, error: str, status: int) -> web.Response:

@@ -29,10 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
+        out = sys.stdout if args.command == "check" else sys.stderr
+        if len(exc.problems) == 1 and args.command != "check":
+            print(f"gateway: error: {exc.problems[0]}", file=out)
+            return 1
         if args.command != "check":
-            print(f"gateway: {args.config}: {len(exc.problems)} problem(s) in the config:", file=sys.stderr)
+            print(f"gateway: {args.config}: {len(exc.problems)} problems in the config:", file=out)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr if args.command != "check" else sys.stdout)
+            print(f"  {problem}", file=out)
         return 1
     except UserError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
@@ -104,7 +108,12 @@ def _run(args: argparse.Namespace) -> int:
     from .server import serve
 
     cfg = config_module.load(args.config)
-    serve(cfg, host=args.host, port=args.port)
+    try:
+        serve(cfg, host=args.host, port=args.port)
+    except OSError as exc:  # the port is taken, or the host is not ours
+        host = args.host or cfg.listen.host
+        port = args.port if args.port is not None else cfg.listen.port
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     return 0
 
 
@@ -175,8 +184,10 @@ def _sessions_revoke(args: argparse.Namespace) -> int:
         return int(await store.revoke_session(args.session, time.time(), "admin_revoke"))
 
     ended = _with_store(args, go)
+    if args.session and not ended:
+        raise UserError(f"no live session with id {args.session!r}")
     print(f"ended {ended} session(s)")
-    return 0 if ended or args.user else 1
+    return 0
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -186,10 +197,7 @@ def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]])
     url = args.store or config_module.load(args.config).store
 
     async def go() -> T:
-        try:
-            store = await open_store(url)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        store = await open_store(url)
         try:
             return await work(store)
         finally:

@@ -103,6 +103,14 @@ class MethodNotAllowed(GatewayError):
         super().__init__(headers={"Allow": ", ".join(sorted(allowed))})
 
 
+class RequestTimeout(GatewayError):
+    """The client did not send its whole body in time."""
+
+    status = 408
+    code = "request_timeout"
+    description = "The request body did not arrive in time."
+
+
 class PayloadTooLarge(GatewayError):
     """A body is larger than the endpoint accepts."""
 

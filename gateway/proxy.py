@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -40,7 +41,9 @@ HOP_BY_HOP = frozenset({
 FORWARDING = frozenset({
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
     "x-forwarded-prefix", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-server",
-    "forwarded", "x-real-ip",
+    "x-forwarded-ssl", "x-forwarded-scheme", "x-url-scheme", "forwarded", "x-real-ip",
+    "x-client-ip", "true-client-ip", "x-cluster-client-ip", "cf-connecting-ip",
+    "fastly-client-ip", "x-original-host", "x-host",
 })
 # Never honoured and never forwarded: they let a client change the method or path that an
 # upstream acts on after the gateway authorized another one.
@@ -49,6 +52,11 @@ NEVER_FORWARDED = frozenset({
     "x-method-override", "x-original-url", "x-rewrite-url", "x-original-uri",
 })
 CHUNK = 64 * 1024
+
+
+def canonical(name: str) -> str:
+    """A header name as WSGI/CGI upstreams see it: ``X_Auth.User`` is ``x-auth-user``."""
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def strip_hop_by_hop(raw_headers: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
@@ -66,8 +74,11 @@ class Proxy:
         self.config = config
         self.trusted = config.trusted_proxies
         self._identity = tuple((header, claim) for header, claim in config.identity_headers)
-        self._always_drop = NEVER_FORWARDED | {h.lower() for h, _ in config.identity_headers}
+        self._always_drop = NEVER_FORWARDED | {canonical(h) for h, _ in config.identity_headers}
         self._own_cookies = (config.cookies.access.name, config.cookies.refresh.name)
+        public = urlsplit(config.public_url) if config.public_url else None
+        self._public_scheme = public.scheme if public else None
+        self._public_host = public.netloc if public else None
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -110,9 +121,9 @@ class Proxy:
         trusted = self.is_trusted(request.remote)
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in inbound.items():
-            lower = name.lower()
-            if lower in self._always_drop or (lower in FORWARDING and not trusted):
-                continue
+            lower, canon = name.lower(), canonical(name)
+            if canon in self._always_drop or (canon in FORWARDING and (not trusted or lower != canon)):
+                continue  # every spelling of a header the upstream may only hear from us
             if lower == "cookie":
                 value = cookies.without(value, self._own_cookies)
                 if not value:
@@ -132,9 +143,11 @@ class Proxy:
         prior = inbound.get("X-Forwarded-For") if trusted else None
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         if not (trusted and "X-Forwarded-Proto" in inbound):
-            out["X-Forwarded-Proto"] = request.scheme
-        if not (trusted and "X-Forwarded-Host" in inbound) and request.host:
-            out["X-Forwarded-Host"] = request.host
+            out["X-Forwarded-Proto"] = self._public_scheme or request.scheme
+        if not (trusted and "X-Forwarded-Host" in inbound):
+            host = self._public_host or request.host
+            if host:
+                out["X-Forwarded-Host"] = host
         return out
 
     async def forward(
@@ -178,5 +191,7 @@ class Proxy:
             if request.transport is not None:
                 request.transport.abort()
             return response
+        except ConnectionError:
+            return response  # the client went away; nothing left to tell it
         await response.write_eof()
         return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -12,6 +13,16 @@ from .app import create_app
 from .config import Config
 
 log = logging.getLogger("gateway")
+
+# How aiohttp handles each connection; the tests serve with these same options.
+HANDLER_OPTIONS: dict[str, Any] = {
+    "access_log_class": logs.AccessLog,
+    "access_log": logging.getLogger("gateway.access"),
+    # A request refused before its body was read (a 401 for an upload) is answered, then
+    # the connection is closed after at most this long, instead of reading on to keep it
+    # alive. The short wait lets the client read the answer before the socket closes.
+    "lingering_time": 1.0,
+}
 
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,
@@ -26,8 +37,7 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
         create_app(config),
         host=host,
         port=port,
-        access_log_class=logs.AccessLog,
-        access_log=logging.getLogger("gateway.access"),
+        **HANDLER_OPTIONS,
         print=(lambda _banner: ready()) if ready else None,
         shutdown_timeout=10,
     )

@@ -70,7 +70,7 @@ class Sessions:
     async def start(self, user: User, ip: str, user_agent: str) -> tuple[Session, str]:
         now = self.clock()
         session = Session(
-            id=secrets.token_urlsafe(16),
+            id=secrets.token_hex(16),  # hex: never starts with "-", so it is easy to pass to a CLI
             user=user.name,
             created_at=now,
             last_used_at=now,

@@ -24,7 +24,6 @@ from .errors import InvalidToken
 MAX_TOKEN_LENGTH = 4096
 TOKEN_TYPE = "at+jwt"  # RFC 9068; a JWT of another kind signed with the same key is refused
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ROLE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 # Header parameters that name key material. The gateway verifies only with configured keys,
 # so a token that carries one of these was not made by it.
@@ -124,8 +123,13 @@ class AccessTokens:
 
 
 def _number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    """A JSON number that is a plausible time: not a bool, not NaN or infinite, and not an
+    integer too large to compare with a float."""
+    if type(value) is int:
+        return -(2**53) < value < 2**53
+    return type(value) is float and math.isfinite(value)
 
 
 def _text(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 256 and not _CONTROL.search(value)
+    """Printable ASCII of a sane length: safe to put in a header and a log line as it is."""
+    return isinstance(value, str) and 0 < len(value) <= 256 and value.isascii() and value.isprintable()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway import config as config_module
 from gateway.app import create_app
-from gateway.logs import AccessLog
+from gateway.server import HANDLER_OPTIONS
 from gateway.credentials import hash_password
 from gateway.store import Store, User, open_store
 
@@ -202,8 +201,7 @@ async def gateway_factory(
         await add_test_users(store)
         clock = FakeClock()
         server = TestServer(create_app(cfg, clock=clock, store=store), host="127.0.0.1")
-        await server.start_server(access_log_class=AccessLog,
-                                  access_log=logging.getLogger("gateway.access"))
+        await server.start_server(**HANDLER_OPTIONS)
         http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         started.append((server, http, store))
         return Gateway(url=f"http://127.0.0.1:{server.port}", port=server.port, store=store,

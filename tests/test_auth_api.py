@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import jwt
 import pytest
@@ -137,6 +138,35 @@ async def test_chunked_oversized_login_body_is_413(gw: Gateway) -> None:
     async with gw.http.post(f"{gw.url}/auth/login", data=body(),
                             headers={"Content-Type": "application/json"}) as resp:
         assert resp.status == 413
+
+
+async def test_a_login_body_that_stalls_times_out(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.auth_api.BODY_TIMEOUT", 0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /auth/login HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"username\"")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+
+
+async def test_client_leaving_mid_body_is_not_an_error(gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /auth/login HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(100):  # until the gateway has logged the abandoned request
+        logged = [getattr(r, "fields", {}) for r in caplog.records if r.name == "gateway.access"]
+        if any(f.get("path") == "/auth/login" for f in logged):
+            break
+        await asyncio.sleep(0.05)
+    assert [f["status"] for f in logged if f.get("path") == "/auth/login"] == [499]
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("gateway")]
+    async with gw.http.get(f"{gw.url}/healthz") as resp:
+        assert resp.status == 200
 
 
 async def test_cross_site_login_is_refused(gw: Gateway) -> None:

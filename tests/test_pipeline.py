@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -131,6 +132,22 @@ async def test_spoofed_identity_headers_are_removed_on_public_routes(gw: Gateway
     assert upstream.seen[-1].header("X-Auth-Roles") == []
 
 
+async def test_identity_header_spellings_for_wsgi_upstreams_are_removed(gw: Gateway, upstream: Upstream) -> None:
+    # A WSGI or CGI app reads X_Auth_User and X.Auth.User as HTTP_X_AUTH_USER.
+    token = await gw.token("alice")
+    spoofed = [("X_Auth_User", "bob"), ("X_Auth_Roles", "admin"), ("X.Auth.User", "bob"),
+               ("x_auth-user", "bob"), ("X_Forwarded_For", "6.6.6.6"), ("X_Original_URL", "/static/x")]
+    for path, headers in (("/profile", [("Authorization", f"Bearer {token}")]), ("/static/x", [])):
+        async with gw.http.get(f"{gw.url}{path}", headers=headers + spoofed) as resp:
+            assert resp.status == 200
+        seen = upstream.seen[-1]
+        collapsed = [(k.upper().replace("-", "_").replace(".", "_"), v) for k, v in seen.headers]
+        assert [v for k, v in collapsed if k == "X_AUTH_USER"] == (["alice"] if path == "/profile" else [])
+        assert [v for k, v in collapsed if k == "X_AUTH_ROLES"] == (["user"] if path == "/profile" else [])
+        assert [v for k, v in collapsed if k == "X_FORWARDED_FOR"] == ["127.0.0.1"]
+        assert [v for k, v in collapsed if k == "X_ORIGINAL_URL"] == []
+
+
 async def test_hop_by_hop_and_connection_named_headers_are_dropped(gw: Gateway, upstream: Upstream) -> None:
     token = await gw.token("alice")
     # The client names X-Auth-User and X-Forwarded-For in Connection: they are dropped from
@@ -165,7 +182,7 @@ async def test_forwarding_headers_are_set_by_the_gateway(gw: Gateway, upstream: 
     assert resp.status == 200
     seen = upstream.seen[-1]
     assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
-    assert seen.header("X-Forwarded-Host") == ["gateway.test"]
+    assert seen.header("X-Forwarded-Host") == ["gateway.test"]  # from public_url, not the client
     assert seen.header("X-Forwarded-Proto") == ["http"]
     assert seen.header("Forwarded") == []
     assert seen.header("X-Original-URL") == []
@@ -276,6 +293,30 @@ async def test_repeated_set_cookie_headers_stay_separate(gw: Gateway) -> None:
         assert resp.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
 
 
+async def test_forwarded_host_comes_from_public_url_not_the_host_header(gw: Gateway, upstream: Upstream) -> None:
+    resp = await raw_request(gw.port, b"GET /static/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n"
+                                      b"True-Client-IP: 6.6.6.6\r\nX-Forwarded-Ssl: on\r\n\r\n")
+    assert resp.status == 200
+    seen = upstream.seen[-1]
+    assert seen.header("X-Forwarded-Host") == ["gateway.test"]
+    assert seen.header("True-Client-IP") == [] and seen.header("X-Forwarded-Ssl") == []
+
+
+async def test_unauthenticated_upload_is_refused_without_reading_it(gw: Gateway, upstream: Upstream) -> None:
+    # Declares 1 GiB and sends the first MiB: the 401 comes at once and the connection is
+    # closed, instead of the gateway reading (and discarding) the rest.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /profile HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Length: 1073741824\r\n\r\n" + b"x" * (1024 * 1024))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert b"Connection: close" in head
+    rest = await asyncio.wait_for(reader.read(), 5)  # the gateway closes: read() ends
+    assert b'"unauthorized"' in rest
+    writer.close()
+    assert upstream.seen == []
+
+
 async def test_gateway_endpoints_are_not_forwarded(gw: Gateway, upstream: Upstream) -> None:
     async with gw.http.get(f"{gw.url}/healthz") as resp:
         assert resp.status == 200
@@ -283,6 +324,8 @@ async def test_gateway_endpoints_are_not_forwarded(gw: Gateway, upstream: Upstre
     async with gw.http.get(f"{gw.url}/readyz") as resp:
         assert resp.status == 200
     async with gw.http.get(f"{gw.url}/auth/unknown") as resp:
+        assert resp.status == 404
+    async with gw.http.get(f"{gw.url}/AUTH/login") as resp:  # the prefix in any case is ours
         assert resp.status == 404
     async with gw.http.get(f"{gw.url}/auth/logout") as resp:
         assert resp.status == 405

@@ -9,7 +9,10 @@ Refresh tokens are never stored, only their SHA-256 hashes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
+
+from ..errors import UserError
 
 Outcome = Literal["rotated", "grace", "reused", "revoked", "expired", "unknown"]
 
@@ -127,9 +130,25 @@ class Store(Protocol):
         """How many live sessions were ended."""
 
 
-async def open_store(url: str) -> Store:
-    if url.startswith("sqlite:///"):
-        from .sqlite import SQLiteStore
+STORE_URL_FORMS = "sqlite:///ABSOLUTE/PATH.db or sqlite:RELATIVE/PATH.db"
 
-        return await SQLiteStore.open("/" + url[len("sqlite:///"):])
-    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
+
+def resolve_url(url: str, base_dir: Path) -> str | None:
+    """``url`` with a relative SQLite path made absolute against ``base_dir``; None when
+    it is not a store URL we know."""
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url
+    if url.startswith("sqlite:") and not url.startswith("sqlite:/") and len(url) > len("sqlite:"):
+        return "sqlite:///" + str((base_dir / url[len("sqlite:"):]).resolve()).lstrip("/")
+    return None
+
+
+async def open_store(url: str) -> Store:
+    """Open the store at ``url`` (see STORE_URL_FORMS; a relative path is relative to the
+    working directory)."""
+    resolved = resolve_url(url, Path.cwd())
+    if resolved is None:
+        raise UserError(f"unsupported store URL {url.split(':', 1)[0]!r}: expected {STORE_URL_FORMS}")
+    from .sqlite import SQLiteStore
+
+    return await SQLiteStore.open("/" + resolved[len("sqlite:///"):])

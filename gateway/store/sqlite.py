@@ -77,8 +77,8 @@ class SQLiteStore:
             raise UserError(f"cannot open the store at {path}: {exc}") from None
         store = cls(db)
         try:
-            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                           "busy_timeout=5000"):
+            for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL",
+                           "foreign_keys=ON"):
                 await db.execute(f"PRAGMA {pragma}")
             await store._migrate()
         except sqlite3.DatabaseError as exc:
