@@ -50,6 +50,7 @@ def run_demo(port: int = 8080) -> None:
             _run(Path(tmp), port or _free_port(), upstream.server_address[1])
         finally:
             upstream.shutdown()
+    print(f"gateway demo stopped; deleted {tmp}", flush=True)
 
 
 def _run(tmp: Path, port: int, upstream_port: int) -> None:

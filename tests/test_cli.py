@@ -575,3 +575,7 @@ def test_demo_works_and_cleans_up(env: dict[str, str], tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "Traceback" not in printed + err
     assert not demo_dir.exists(), f"{demo_dir} was left behind"
+    rest = []
+    while (line := lines.get(timeout=5)) is not None:
+        rest.append(line)
+    assert f"gateway demo stopped; deleted {demo_dir}\n" in rest
