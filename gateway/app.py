@@ -8,15 +8,16 @@ in two different forms.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import auth_api, errors, pipeline
+from . import auth_api, errors, pipeline, revocations
 from .config import Config
-from .errors import GatewayError, MethodNotAllowed, NotFound
+from .errors import GatewayError, MethodNotAllowed, NotFound, StoreUnavailable
 from .paths import normalize
 from .state import ERROR, GATEWAY, IP, PATH, Gateway
 from .store import Store, open_store
@@ -40,13 +41,19 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         store = given if given is not None else await open_store(config.store)
         gw = Gateway.build(config, store, clock)
+        await gw.revocations.sync()
         await gw.proxy.start()
         app[GATEWAY] = gw
         app[_ENDPOINTS] = {**auth_api.endpoints(config.auth_prefix),
                            "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
+        background = [asyncio.create_task(gw.revocations.run()),
+                      asyncio.create_task(_purge_forever(gw))]
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await gw.proxy.close()
             gw.credentials.close()
             if given is None:
@@ -58,12 +65,26 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
 _ENDPOINTS = web.AppKey("endpoints", dict)
 
 
+async def _purge_forever(gw: Gateway) -> None:
+    """Delete sessions that ended long enough ago, so the store does not grow without
+    bound. Runs beside request handling, in small batches."""
+    while True:
+        await asyncio.sleep(revocations.PURGE_INTERVAL)
+        try:
+            removed = await gw.store.purge(gw.clock(), gw.sessions.rules, gw.revocations.horizon)
+        except StoreUnavailable as exc:
+            log.warning("purge_failed", extra={"fields": {"reason": exc.reason}})
+            continue
+        if removed:
+            log.info("purged", extra={"fields": {"sessions": removed}})
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     request[IP] = gw.proxy.client_ip(request)
     target = normalize(request.raw_path)
     request[PATH] = target.path
-    own = request.app[_ENDPOINTS].get(target.path)
+    own = _own_endpoint(request.app[_ENDPOINTS], target.path)
     if own is None:
         prefix, path = gw.config.auth_prefix.lower(), target.path.lower()
         if path == prefix or path.startswith(prefix + "/"):
@@ -73,6 +94,16 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if handler is None:
         raise MethodNotAllowed(set(own) | ({"HEAD"} if "GET" in own else set()))
     return await handler(request)
+
+
+def _own_endpoint(table: dict[str, dict[str, web.Handler]], path: str) -> dict[str, web.Handler] | None:
+    """The gateway's endpoint at ``path``: an exact entry, or ``parent/{id}`` for one more
+    non-empty segment (the handler reads the id from the normalized path)."""
+    own = table.get(path)
+    if own is None:
+        parent, _, last = path.rpartition("/")
+        own = table.get(parent + "/{id}") if last else None
+    return own
 
 
 async def healthz(request: web.Request) -> web.Response:

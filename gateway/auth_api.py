@@ -11,6 +11,7 @@ import asyncio
 import html
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from string import Template
@@ -20,13 +21,13 @@ from urllib.parse import parse_qsl, urlsplit
 from aiohttp import web
 
 from . import cookies, errors
-from .errors import (BadRequest, Forbidden, PayloadTooLarge, RequestTimeout, Unauthorized,
+from .errors import (BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized,
                      UnsupportedMediaType)
 from .paths import safe_next
 from .pipeline import authenticate
 from .proxy import strip_hop_by_hop
 from .sessions import RefreshRefused
-from .state import GATEWAY, Gateway
+from .state import GATEWAY, PATH, Gateway
 from .store import Session, User
 
 security = logging.getLogger("gateway.security")
@@ -45,6 +46,8 @@ def endpoints(prefix: str) -> dict[str, dict[str, Handler]]:
         f"{prefix}/logout": {"POST": logout},
         f"{prefix}/logout-all": {"POST": logout_all},
         f"{prefix}/me": {"GET": me},
+        f"{prefix}/sessions": {"GET": list_sessions},
+        f"{prefix}/sessions/{{id}}": {"DELETE": end_session},
     }
 
 
@@ -150,7 +153,48 @@ async def me(request: web.Request) -> web.Response:
     return web.json_response(identity.claims, headers=_NO_STORE)
 
 
+async def list_sessions(request: web.Request) -> web.Response:
+    """The signed-in user's live sessions: where and when each was used."""
+    gw = request.app[GATEWAY]
+    identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
+    now = gw.clock()
+    live = [s for s in await gw.store.list_sessions(identity.sub)
+            if s.revoked_at is None and now < s.expires_at
+            and now < s.last_used_at + gw.config.tokens.refresh_idle_ttl]
+    return web.json_response({"sessions": [{
+        "id": s.id,
+        "created_at": _iso(s.created_at),
+        "last_used_at": _iso(s.last_used_at),
+        "expires_at": _iso(s.expires_at),
+        "ip": s.ip,
+        "user_agent": s.user_agent,
+        "current": s.id == identity.sid,
+    } for s in sorted(live, key=lambda s: s.last_used_at, reverse=True)]}, headers=_NO_STORE)
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """End one of the signed-in user's own sessions (another device, say)."""
+    gw = request.app[GATEWAY]
+    _same_origin(gw, request)
+    identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
+    session_id = request[PATH].rsplit("/", 1)[1]
+    session = await gw.store.get_session(session_id)
+    if session is None or session.user != identity.sub or session.revoked_at is not None:
+        raise NotFound("not_found", "You have no live session with this id.")  # never says whose it is
+    await gw.sessions.end(session_id, "user_revoke")
+    security.info("session_ended", extra={"fields": {"user": identity.sub, "sid": session_id,
+                                                     "ip": gw.proxy.client_ip(request)}})
+    response = web.Response(status=204, headers=_NO_STORE)
+    if session_id == identity.sid:
+        cookies.clear(response, gw.config.cookies)
+    return response
+
+
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def _signed_in(gw: Gateway, response: web.Response, user: User, session: Session,

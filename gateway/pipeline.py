@@ -42,7 +42,10 @@ def authenticate(gw: Gateway, inbound: CIMultiDict[str]) -> Identity:
     token = bearer_token(inbound) or cookies.read(inbound, gw.config.cookies.access.name)
     if token is None:
         raise Unauthorized()
-    return gw.tokens.verify(token)
+    identity = gw.tokens.verify(token)
+    if gw.revocations.is_revoked(identity.sid):
+        raise InvalidToken().because("session_revoked")
+    return identity
 
 
 def bearer_token(headers: CIMultiDict[str]) -> str | None:

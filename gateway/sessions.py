@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .config import Tokens
 from .errors import Unauthorized
+from .revocations import Revocations
 from .store import RefreshRules, Session, Store, User
 
 _REFRESH_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # token_urlsafe(32)
@@ -61,11 +62,14 @@ def successor(chain_key: bytes, token: str) -> str:
 
 
 class Sessions:
-    def __init__(self, store: Store, cfg: Tokens, clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, cfg: Tokens, clock: Callable[[], float],
+                 revocations: Revocations) -> None:
         self.store = store
         self.cfg = cfg
         self.clock = clock
         self.rules = RefreshRules(idle_ttl=cfg.refresh_idle_ttl, reuse_grace=cfg.reuse_grace)
+        # Told of every session this process ends, so that its access tokens stop at once.
+        self.revocations = revocations
 
     async def start(self, user: User, ip: str, user_agent: str) -> tuple[Session, str]:
         now = self.clock()
@@ -93,20 +97,26 @@ class Sessions:
         new_token = successor(found.chain_key, token)
         rotation = await self.store.rotate_refresh(old_hash, hash_token(new_token), self.clock(),
                                                    self.rules)
+        if rotation.outcome == "reused":
+            await self.revocations.sync()
         if rotation.outcome not in ("rotated", "grace") or rotation.session is None:
             raise RefreshRefused(*_REFUSALS[rotation.outcome]).because(rotation.outcome)
         session = rotation.session
         user = await self.store.get_user(session.user)
         if user is None or user.disabled:
-            await self.store.revoke_session(session.id, self.clock(), "user_disabled")
+            await self.end(session.id, "user_disabled")
             raise RefreshRefused(*_REFUSALS["revoked"]).because("user_disabled")
         return Refreshed(session, user, new_token)
 
     async def end(self, session_id: str, reason: str) -> bool:
-        return await self.store.revoke_session(session_id, self.clock(), reason)
+        ended = await self.store.revoke_session(session_id, self.clock(), reason)
+        await self.revocations.sync()
+        return ended
 
     async def end_all(self, user: str, reason: str) -> int:
-        return await self.store.revoke_user_sessions(user, self.clock(), reason)
+        ended = await self.store.revoke_user_sessions(user, self.clock(), reason)
+        await self.revocations.sync()
+        return ended
 
     async def find(self, token: str) -> Session | None:
         """The session a refresh token belongs to (any generation), without using it."""

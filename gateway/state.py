@@ -11,6 +11,7 @@ from aiohttp import web
 from .config import Config, Route
 from .credentials import Credentials
 from .proxy import Proxy
+from .revocations import Revocations, horizon
 from .routes import RouteTable
 from .sessions import Sessions
 from .store import Store
@@ -27,18 +28,21 @@ class Gateway:
     sessions: Sessions
     credentials: Credentials
     proxy: Proxy
+    revocations: Revocations
 
     @classmethod
     def build(cls, config: Config, store: Store, clock: Callable[[], float]) -> Gateway:
+        revocations = Revocations(store, clock, horizon(config.tokens.access_ttl, config.tokens.leeway))
         return cls(
             config=config,
             store=store,
             clock=clock,
             routes=RouteTable(config.routes),
             tokens=AccessTokens(config.tokens, clock),
-            sessions=Sessions(store, config.tokens, clock),
+            sessions=Sessions(store, config.tokens, clock, revocations),
             credentials=Credentials(store),
             proxy=Proxy(config),
+            revocations=revocations,
         )
 
 

@@ -155,6 +155,7 @@ class Gateway:
     clock: FakeClock
     config: config_module.Config
     http: aiohttp.ClientSession
+    app: web.Application
 
     async def login(self, user: str = "alice", password: str | None = None) -> dict[str, Any]:
         async with self.http.post(f"{self.url}/auth/login", json={
@@ -173,6 +174,8 @@ _HASHES: dict[str, str] = {}
 
 async def add_test_users(store: Store) -> None:
     for name, password in PASSWORDS.items():
+        if await store.get_user(name) is not None:
+            continue  # a second gateway on a shared store
         if name not in _HASHES:
             _HASHES[name] = hash_password(password)
         await store.add_user(User(name=name, password_hash=_HASHES[name], roles=ROLES[name],
@@ -205,7 +208,7 @@ async def gateway_factory(
         http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         started.append((server, http, store))
         return Gateway(url=f"http://127.0.0.1:{server.port}", port=server.port, store=store,
-                       clock=clock, config=cfg, http=http)
+                       clock=clock, config=cfg, http=http, app=server.app)
 
     yield make
     for server, http, store in reversed(started):

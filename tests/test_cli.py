@@ -26,6 +26,7 @@ import pytest
 from gateway import config as config_module
 from gateway import users
 from gateway.credentials import verify_password
+from gateway.revocations import Revocations
 from gateway.sessions import Sessions
 from gateway.store import Session, User, open_store
 
@@ -380,7 +381,7 @@ async def _start_sessions(cfg_path: Path, who: list[tuple[str, str, str]],
     try:
         for name in add:
             await users.add(store, name, f"{name}-password-1", ["user"])
-        sessions = Sessions(store, cfg.tokens, time.time)
+        sessions = Sessions(store, cfg.tokens, time.time, Revocations(store, time.time, horizon=3600))
         started = []
         for name, ip, agent in who:
             user = await store.get_user(name)

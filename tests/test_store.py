@@ -131,3 +131,48 @@ async def test_sqlite_refuses_a_newer_schema_and_a_non_database(tmp_path: Path) 
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(UserError, match="cannot use the store"):
         await open_store(f"sqlite:///{str(junk).lstrip('/')}")
+
+
+async def test_every_revocation_is_recorded_in_order(store: Store) -> None:
+    for sid in ("a1", "a2", "b1", "r1"):
+        await store.create_session(session(sid, "bob" if sid == "b1" else "alice"), hash_token(sid))
+    assert await store.revocations_after(0) == []
+    await store.revoke_session("b1", T0 + 1, "logout")
+    await store.revoke_user_sessions("alice", T0 + 2, "logout_all")  # a1, a2 and r1
+    await store.revoke_session("b1", T0 + 3, "logout")  # already ended: nothing new
+    recorded = await store.revocations_after(0)
+    assert [(r.session_id, r.revoked_at) for r in recorded][0] == ("b1", T0 + 1)
+    assert sorted(r.session_id for r in recorded[1:]) == ["a1", "a2", "r1"]
+    assert [r.seq for r in recorded] == sorted(r.seq for r in recorded)
+    assert await store.revocations_after(recorded[-1].seq) == []
+    # reuse detection inside rotate_refresh is recorded too
+    await store.create_session(session("s9", "carol"), hash_token("t0"))
+    await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0, RULES)
+    await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 60, RULES)
+    (reuse,) = await store.revocations_after(recorded[-1].seq)
+    assert (reuse.session_id, reuse.revoked_at) == ("s9", T0 + 60)
+
+
+async def test_purge_deletes_what_ended_before_the_horizon(store: Store) -> None:
+    horizon = 100.0
+    now = T0 + 10 * 86400
+    cases = {  # session id: (changes, purged?)
+        "expired-long-ago": (dict(expires_at=now - horizon - 1, last_used_at=now - 60), True),
+        "expired-recently": (dict(expires_at=now - horizon + 1, last_used_at=now - 60), False),
+        "idle-long-ago": (dict(last_used_at=now - RULES.idle_ttl - horizon - 1, expires_at=now + 86400), True),
+        "idle-recently": (dict(last_used_at=now - RULES.idle_ttl - horizon + 1, expires_at=now + 86400), False),
+        "live": (dict(last_used_at=now - 60, expires_at=now + 86400), False),
+    }
+    for sid, (changes, _) in cases.items():
+        await store.create_session(session(sid, **changes), hash_token(sid))
+    await store.create_session(session("revoked-long-ago", last_used_at=now, expires_at=now + 86400),
+                               hash_token("revoked-long-ago"))
+    await store.create_session(session("revoked-recently", last_used_at=now, expires_at=now + 86400),
+                               hash_token("revoked-recently"))
+    await store.revoke_session("revoked-long-ago", now - horizon - 1, "logout")
+    await store.revoke_session("revoked-recently", now - horizon + 1, "logout")
+    assert await store.purge(now, RULES, horizon) == 3
+    left = {s.id for s in await store.list_sessions()}
+    assert left == {"expired-recently", "idle-recently", "live", "revoked-recently"}
+    assert await store.session_of_refresh(hash_token("expired-long-ago")) is None  # tokens go too
+    assert [r.session_id for r in await store.revocations_after(0)] == ["revoked-recently"]

@@ -50,6 +50,13 @@ class RefreshRules:
 
 
 @dataclass(frozen=True)
+class Revocation:
+    seq: int  # increases with every revocation committed to the store
+    session_id: str
+    revoked_at: float
+
+
+@dataclass(frozen=True)
 class Rotation:
     outcome: Outcome
     session: Session | None = None
@@ -128,6 +135,14 @@ class Store(Protocol):
 
     async def revoke_user_sessions(self, user: str, now: float, reason: str) -> int:
         """How many live sessions were ended."""
+
+    async def revocations_after(self, seq: int) -> list[Revocation]:
+        """Every revocation still kept with a ``seq`` above this one, oldest first. Whatever
+        ends a session (including ``rotate_refresh`` on reuse) records one."""
+
+    async def purge(self, now: float, rules: RefreshRules, horizon: float) -> int:
+        """Delete sessions (and their tokens) that ended more than ``horizon`` ago, and
+        revocations older than that; how many sessions went. Never blocks the store for long."""
 
 
 STORE_URL_FORMS = "sqlite:///ABSOLUTE/PATH.db or sqlite:RELATIVE/PATH.db"

@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from ..errors import StoreUnavailable, UserError
-from . import RefreshRules, Rotation, Session, User, judge_refresh
+from . import RefreshRules, Revocation, Rotation, Session, User, judge_refresh
 
 # Each entry moves the schema up one version (PRAGMA user_version). Never edit a released
 # entry; append a new one.
@@ -55,8 +55,26 @@ MIGRATIONS: list[list[str]] = [
             used_at REAL
         ) WITHOUT ROWID""",
         "CREATE INDEX refresh_tokens_by_session ON refresh_tokens (session_id)",
+        "CREATE INDEX sessions_by_expiry ON sessions (expires_at)",
+        "CREATE INDEX sessions_by_last_use ON sessions (last_used_at)",
+        "CREATE INDEX sessions_by_revocation ON sessions (revoked_at)",
+        # Every revocation, in the order it was committed, for the revocation views of all
+        # processes sharing this file. A trigger writes it, so that no path that ends a
+        # session (logout, reuse, an operator) can forget to.
+        """CREATE TABLE revocations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id TEXT NOT NULL,
+            revoked_at REAL NOT NULL
+        )""",
+        "CREATE INDEX revocations_by_time ON revocations (revoked_at)",
+        """CREATE TRIGGER session_revoked AFTER UPDATE OF revoked_at ON sessions
+           WHEN OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL
+           BEGIN
+             INSERT INTO revocations (session_id, revoked_at) VALUES (NEW.id, NEW.revoked_at);
+           END""",
     ],
 ]
+PURGE_BATCH = 500
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _SESSION_COLUMNS = ("id, user, created_at, last_used_at, expires_at, generation, revoked_at, "
@@ -268,6 +286,29 @@ class SQLiteStore:
                 "UPDATE sessions SET revoked_at = ?, revoked_reason = ? "
                 "WHERE user = ? AND revoked_at IS NULL", (now, reason, user))
             return cursor.rowcount
+
+    async def revocations_after(self, seq: int) -> list[Revocation]:
+        async with self._read():
+            rows = await self._all(
+                "SELECT seq, session_id, revoked_at FROM revocations WHERE seq > ? ORDER BY seq", (seq,))
+        return [Revocation(*row) for row in rows]
+
+    async def purge(self, now: float, rules: RefreshRules, horizon: float) -> int:
+        ended_before = now - horizon
+        removed = 0
+        while True:  # in batches, so that no write lock is held for long
+            async with self._write() as db:
+                cursor = await db.execute(
+                    "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
+                    "WHERE expires_at < ? OR revoked_at < ? OR last_used_at < ? LIMIT ?)",
+                    (ended_before, ended_before, ended_before - rules.idle_ttl, PURGE_BATCH))
+                batch = cursor.rowcount
+                if batch < PURGE_BATCH:
+                    await db.execute("DELETE FROM revocations WHERE revoked_at < ?", (ended_before,))
+            removed += batch
+            if batch < PURGE_BATCH:
+                return removed
+            await asyncio.sleep(0)
 
 
 def _user(row: Sequence[Any]) -> User:
