@@ -11,7 +11,7 @@ import pytest
 
 from gateway.errors import UserError
 from gateway.sessions import hash_token
-from gateway.store import RefreshRules, Session, Store, User, open_store
+from gateway.store import RefreshRules, Session, Store, User, open_store, resolve_url
 from gateway.store.sqlite import SCHEMA_VERSION
 
 RULES = RefreshRules(idle_ttl=3600, reuse_grace=10)
@@ -176,3 +176,13 @@ async def test_purge_deletes_what_ended_before_the_horizon(store: Store) -> None
     assert left == {"expired-recently", "idle-recently", "live", "revoked-recently"}
     assert await store.session_of_refresh(hash_token("expired-long-ago")) is None  # tokens go too
     assert [r.session_id for r in await store.revocations_after(0)] == ["revoked-recently"]
+
+
+@pytest.mark.parametrize("url, resolved", [
+    ("sqlite:///var/lib/gw.db", "sqlite:///var/lib/gw.db"),
+    ("sqlite:/var/lib/gw.db", "sqlite:///var/lib/gw.db"),
+    ("sqlite:data/gw.db", "sqlite:///base/data/gw.db"),  # relative to the config file's directory
+    ("sqlite:", None), ("sqlite://host/gw.db", None), ("postgres://db/gw", None), ("gw.db", None),
+])
+def test_store_urls(url: str, resolved: str | None) -> None:
+    assert resolve_url(url, Path("/base")) == resolved

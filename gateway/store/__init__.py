@@ -149,13 +149,15 @@ STORE_URL_FORMS = "sqlite:///ABSOLUTE/PATH.db or sqlite:RELATIVE/PATH.db"
 
 
 def resolve_url(url: str, base_dir: Path) -> str | None:
-    """``url`` with a relative SQLite path made absolute against ``base_dir``; None when
-    it is not a store URL we know."""
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        return url
-    if url.startswith("sqlite:") and not url.startswith("sqlite:/") and len(url) > len("sqlite:"):
-        return "sqlite:///" + str((base_dir / url[len("sqlite:"):]).resolve()).lstrip("/")
-    return None
+    """``url`` in the form ``sqlite:///ABSOLUTE/PATH``, a relative SQLite path made
+    absolute against ``base_dir``; None when it is not a store URL we know."""
+    if not url.startswith("sqlite:"):
+        return None
+    rest = url[len("sqlite:"):]
+    if not rest or (rest.startswith("//") and not rest.startswith("///")):
+        return None  # empty, or sqlite://host/...: there is no host to talk to
+    path = "/" + rest.lstrip("/") if rest.startswith("/") else str((base_dir / rest).resolve())
+    return "sqlite:///" + path.lstrip("/")
 
 
 async def open_store(url: str) -> Store:
