@@ -90,19 +90,15 @@ class Sessions:
     async def refresh(self, token: str) -> Refreshed:
         if not _REFRESH_TOKEN.fullmatch(token):
             raise RefreshRefused(*_REFUSALS["unknown"]).because("malformed")
-        old_hash = hash_token(token)
-        found = await self.store.session_of_refresh(old_hash)
-        if found is None:
-            raise RefreshRefused(*_REFUSALS["unknown"]).because("unknown")
-        new_token = successor(found.chain_key, token)
-        rotation = await self.store.rotate_refresh(old_hash, hash_token(new_token), self.clock(),
-                                                   self.rules)
+        rotation = await self.store.rotate_refresh(
+            hash_token(token), lambda chain_key: hash_token(successor(chain_key, token)),
+            self.clock(), self.rules)
         if rotation.outcome == "reused":
             await self.revocations.sync()
         if rotation.outcome not in ("rotated", "grace") or rotation.session is None:
             raise RefreshRefused(*_REFUSALS[rotation.outcome]).because(rotation.outcome)
-        session = rotation.session
-        user = await self.store.get_user(session.user)
+        session, user = rotation.session, rotation.user
+        new_token = successor(session.chain_key, token)
         if user is None or user.disabled:
             await self.end(session.id, "user_disabled")
             raise RefreshRefused(*_REFUSALS["revoked"]).because("user_disabled")

@@ -25,6 +25,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await opened.close()
 
 
+def then(successor_hash: bytes):  # type: ignore[no-untyped-def]
+    """A successor function that ignores the chain key (the store's tests choose the hashes)."""
+    return lambda chain_key: successor_hash
+
+
 def session(sid: str = "s1", user: str = "alice", **changes: object) -> Session:
     values: dict[str, object] = dict(id=sid, user=user, created_at=T0, last_used_at=T0,
                                      expires_at=T0 + 86400, chain_key=b"k" * 32)
@@ -48,43 +53,55 @@ async def test_users_round_trip(store: Store) -> None:
 
 async def test_rotation_outcomes(store: Store) -> None:
     await store.create_session(session(), hash_token("t0"))
-    assert (await store.rotate_refresh(hash_token("nope"), hash_token("x"), T0, RULES)).outcome == "unknown"
+    assert (await store.rotate_refresh(hash_token("nope"), then(hash_token("x")), T0, RULES)).outcome == "unknown"
 
-    first = await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 5, RULES)
+    first = await store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0 + 5, RULES)
     assert first.outcome == "rotated"
+    assert first.user is None  # no such user in this store
+    await store.add_user(User("alice", "hash-a", ("user",), created_at=T0))
     assert first.session is not None and first.session.generation == 1
     assert first.session.last_used_at == T0 + 5
 
     # the previous token, inside the grace period: honoured, no new link
-    again = await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 14, RULES)
+    again = await store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0 + 14, RULES)
     assert again.outcome == "grace" and again.session is not None and again.session.generation == 1
+    assert again.user == User("alice", "hash-a", ("user",), False, T0)
 
-    assert (await store.rotate_refresh(hash_token("t1"), hash_token("t2"), T0 + 20, RULES)).outcome == "rotated"
+    assert (await store.rotate_refresh(hash_token("t1"), then(hash_token("t2")), T0 + 20, RULES)).outcome == "rotated"
     # t0 is now two links back: a replay, whatever the time
-    replay = await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 21, RULES)
+    replay = await store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0 + 21, RULES)
     assert replay.outcome == "reused"
     assert replay.session is not None and replay.session.revoked_reason == "refresh_token_reused"
     assert (await store.get_session("s1")).revoked_at == T0 + 21  # type: ignore[union-attr]
-    assert (await store.rotate_refresh(hash_token("t2"), hash_token("t3"), T0 + 22, RULES)).outcome == "revoked"
+    assert (await store.rotate_refresh(hash_token("t2"), then(hash_token("t3")), T0 + 22, RULES)).outcome == "revoked"
 
 
 async def test_replay_after_grace_is_reuse(store: Store) -> None:
     await store.create_session(session(), hash_token("t0"))
-    await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0, RULES)
-    assert (await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 10.5, RULES)).outcome == "reused"
+    await store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0, RULES)
+    assert (await store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0 + 10.5, RULES)).outcome == "reused"
 
 
 async def test_expiry_absolute_and_idle(store: Store) -> None:
     await store.create_session(session("abs", expires_at=T0 + 100), hash_token("a0"))
     await store.create_session(session("idle"), hash_token("i0"))
-    assert (await store.rotate_refresh(hash_token("a0"), hash_token("a1"), T0 + 100, RULES)).outcome == "expired"
-    assert (await store.rotate_refresh(hash_token("i0"), hash_token("i1"), T0 + 3600, RULES)).outcome == "expired"
+    assert (await store.rotate_refresh(hash_token("a0"), then(hash_token("a1")), T0 + 100, RULES)).outcome == "expired"
+    assert (await store.rotate_refresh(hash_token("i0"), then(hash_token("i1")), T0 + 3600, RULES)).outcome == "expired"
+
+
+async def test_successor_hash_comes_from_the_chain_key(store: Store) -> None:
+    await store.create_session(session(chain_key=b"c" * 32), hash_token("t0"))
+    seen = []
+    rotation = await store.rotate_refresh(hash_token("t0"), lambda key: seen.append(key) or hash_token("t1"),
+                                          T0, RULES)
+    assert rotation.outcome == "rotated" and seen == [b"c" * 32]
+    assert (await store.session_of_refresh(hash_token("t1"))).id == "s1"  # type: ignore[union-attr]
 
 
 async def test_concurrent_rotation_makes_one_successor(store: Store) -> None:
     await store.create_session(session(), hash_token("t0"))
     results = await asyncio.gather(*(
-        store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 1, RULES) for _ in range(30)))
+        store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0 + 1, RULES) for _ in range(30)))
     outcomes = sorted(r.outcome for r in results)
     assert outcomes == ["grace"] * 29 + ["rotated"]
     assert (await store.get_session("s1")).generation == 1  # type: ignore[union-attr]
@@ -147,8 +164,8 @@ async def test_every_revocation_is_recorded_in_order(store: Store) -> None:
     assert await store.revocations_after(recorded[-1].seq) == []
     # reuse detection inside rotate_refresh is recorded too
     await store.create_session(session("s9", "carol"), hash_token("t0"))
-    await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0, RULES)
-    await store.rotate_refresh(hash_token("t0"), hash_token("t1"), T0 + 60, RULES)
+    await store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0, RULES)
+    await store.rotate_refresh(hash_token("t0"), then(hash_token("t1")), T0 + 60, RULES)
     (reuse,) = await store.revocations_after(recorded[-1].seq)
     assert (reuse.session_id, reuse.revoked_at) == ("s9", T0 + 60)
 

@@ -8,6 +8,7 @@ Refresh tokens are never stored, only their SHA-256 hashes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -60,6 +61,7 @@ class Revocation:
 class Rotation:
     outcome: Outcome
     session: Session | None = None
+    user: User | None = None  # the session's user as the store has it now (None: removed)
 
 
 def judge_refresh(
@@ -116,12 +118,13 @@ class Store(Protocol):
     async def create_session(self, session: Session, refresh_hash: bytes) -> None: ...
 
     async def rotate_refresh(
-        self, old_hash: bytes, new_hash: bytes, now: float, rules: RefreshRules
+        self, old_hash: bytes, successor_hash: Callable[[bytes], bytes], now: float,
+        rules: RefreshRules,
     ) -> Rotation:
         """Atomically judge the token with :func:`judge_refresh` and apply the outcome:
-        ``rotated`` marks it used and stores ``new_hash`` as the next generation; ``grace``
-        only touches the session; ``reused`` revokes the session. ``unknown`` when no such
-        token is stored."""
+        ``rotated`` marks it used and stores ``successor_hash(session.chain_key)`` as the
+        next generation; ``grace`` only touches the session; ``reused`` revokes the
+        session. ``unknown`` when no such token is stored."""
 
     async def get_session(self, session_id: str) -> Session | None: ...
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -52,8 +52,20 @@ MIGRATIONS: list[list[str]] = [
             hash BLOB PRIMARY KEY,
             session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
             generation INTEGER NOT NULL,
-            used_at REAL
+            used_at REAL,
+            successor BLOB
         ) WITHOUT ROWID""",
+        # Using a token links in its successor and moves the session on, inside the one
+        # UPDATE that marks it used: a rotation is a single atomic statement (see
+        # rotate_refresh), which no other process can interleave with.
+        """CREATE TRIGGER refresh_token_used AFTER UPDATE OF used_at ON refresh_tokens
+           WHEN OLD.used_at IS NULL AND NEW.used_at IS NOT NULL AND NEW.successor IS NOT NULL
+           BEGIN
+             INSERT INTO refresh_tokens (hash, session_id, generation)
+               VALUES (NEW.successor, NEW.session_id, NEW.generation + 1);
+             UPDATE sessions SET generation = NEW.generation + 1, last_used_at = NEW.used_at
+               WHERE id = NEW.session_id;
+           END""",
         "CREATE INDEX refresh_tokens_by_session ON refresh_tokens (session_id)",
         "CREATE INDEX sessions_by_expiry ON sessions (expires_at)",
         "CREATE INDEX sessions_by_last_use ON sessions (last_used_at)",
@@ -79,6 +91,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _SESSION_COLUMNS = ("id, user, created_at, last_used_at, expires_at, generation, revoked_at, "
                     "revoked_reason, ip, user_agent, chain_key")
+_SESSION_WIDTH = len(_SESSION_COLUMNS.split(","))
+_USER_COLUMNS = "u.name, u.password_hash, u.roles, u.disabled, u.created_at"
 
 
 class SQLiteStore:
@@ -143,19 +157,18 @@ class SQLiteStore:
                 raise
             await db.execute("COMMIT")
 
+    # One thread round trip each: aiosqlite pays one per call (execute, fetch, close).
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        cursor = await self._db.execute(sql, params)
-        try:
-            return await cursor.fetchone()
-        finally:
-            await cursor.close()
+        rows = await self._db.execute_fetchall(sql, params)
+        return next(iter(rows), None)
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(await self._db.execute_fetchall(sql, params))
+
+    async def _change(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; how many rows it changed."""
         cursor = await self._db.execute(sql, params)
-        try:
-            return list(await cursor.fetchall())
-        finally:
-            await cursor.close()
+        return int(cursor.rowcount)
 
     # --- users ----------------------------------------------------------------------------
 
@@ -226,33 +239,46 @@ class SQLiteStore:
                 "VALUES (?, ?, ?, NULL)", (refresh_hash, session.id, session.generation))
 
     async def rotate_refresh(
-        self, old_hash: bytes, new_hash: bytes, now: float, rules: RefreshRules
+        self, old_hash: bytes, successor_hash: Callable[[bytes], bytes], now: float,
+        rules: RefreshRules,
     ) -> Rotation:
-        async with self._write() as db:
-            row = await self._one(
-                f"SELECT t.generation, t.used_at, {_prefixed('s.')} FROM refresh_tokens t "
-                "JOIN sessions s ON s.id = t.session_id WHERE t.hash = ?", (old_hash,))
-            if row is None:
-                return Rotation("unknown")
-            generation, used_at, session = row[0], row[1], _session(row[2:])
-            outcome = judge_refresh(session, generation, used_at, now, rules)
-            if outcome == "rotated":
-                await db.execute("UPDATE refresh_tokens SET used_at = ? WHERE hash = ?", (now, old_hash))
-                await db.execute(
-                    "INSERT INTO refresh_tokens (hash, session_id, generation, used_at) "
-                    "VALUES (?, ?, ?, NULL)", (new_hash, session.id, generation + 1))
-                session = replace(session, generation=generation + 1, last_used_at=now)
-                await db.execute("UPDATE sessions SET generation = ?, last_used_at = ? WHERE id = ?",
-                                 (session.generation, now, session.id))
-            elif outcome == "grace":
-                session = replace(session, last_used_at=now)
-                await db.execute("UPDATE sessions SET last_used_at = ? WHERE id = ?", (now, session.id))
-            elif outcome == "reused":
-                session = replace(session, revoked_at=now, revoked_reason="refresh_token_reused")
-                await db.execute(
-                    "UPDATE sessions SET revoked_at = ?, revoked_reason = ? WHERE id = ?",
-                    (now, session.revoked_reason, session.id))
-            return Rotation(outcome, session)
+        # Read, judge, then apply the outcome with one conditional statement. Two requests
+        # with the same token (two tabs, two processes) both read it unused; the statement
+        # lets exactly one of them mark it used, and the other reads again and finds the
+        # token inside its grace period. Reading this way needs no write lock, so refreshes
+        # of different sessions never wait for each other.
+        for _ in range(3):
+            async with self._read():
+                row = await self._one(
+                    f"SELECT t.generation, t.used_at, {_prefixed('s.')}, {_USER_COLUMNS} "
+                    "FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id "
+                    "LEFT JOIN users u ON u.name = s.user WHERE t.hash = ?", (old_hash,))
+                if row is None:
+                    return Rotation("unknown")
+                generation, used_at = row[0], row[1]
+                session = _session(row[2:2 + _SESSION_WIDTH])
+                user = _user(row[2 + _SESSION_WIDTH:]) if row[2 + _SESSION_WIDTH] is not None else None
+                outcome = judge_refresh(session, generation, used_at, now, rules)
+                if outcome == "rotated":
+                    changed = await self._change(
+                        "UPDATE refresh_tokens SET used_at = ?, successor = ? "
+                        "WHERE hash = ? AND used_at IS NULL "
+                        "AND (SELECT revoked_at FROM sessions WHERE id = session_id) IS NULL",
+                        (now, successor_hash(session.chain_key), old_hash))
+                    if changed != 1:
+                        continue  # another request rotated it (or ended the session) first
+                    session = replace(session, generation=generation + 1, last_used_at=now)
+                elif outcome == "grace":
+                    session = replace(session, last_used_at=max(now, session.last_used_at))
+                    await self._change("UPDATE sessions SET last_used_at = max(last_used_at, ?) "
+                                       "WHERE id = ?", (now, session.id))
+                elif outcome == "reused":
+                    session = replace(session, revoked_at=now, revoked_reason="refresh_token_reused")
+                    await self._change("UPDATE sessions SET revoked_at = ?, revoked_reason = ? "
+                                       "WHERE id = ? AND revoked_at IS NULL",
+                                       (now, session.revoked_reason, session.id))
+                return Rotation(outcome, session, user)
+        raise StoreUnavailable().because("sqlite: rotation kept losing races")
 
     async def get_session(self, session_id: str) -> Session | None:
         async with self._read():
