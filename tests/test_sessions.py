@@ -284,3 +284,14 @@ async def test_two_sessions_of_one_user_refresh_independently(gw: Gateway) -> No
     status, body, _ = await _refresh(gw, one["refresh_token"])  # a replay in session one...
     assert body["error"] == "refresh_token_reused"
     assert (await _refresh(gw, t2 or ""))[0] == 200  # ...leaves session two alone
+
+
+async def test_parallel_refreshes_across_two_processes_make_one_chain(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    shared = _shared_store(tmp_path / "shared.db")
+    a, b = await gateway_factory(shared), await gateway_factory(shared)
+    token = (await a.login("alice"))["refresh_token"]
+    results = await asyncio.gather(*(_refresh(gw, token) for gw in [a, b] * 10))
+    assert [status for status, _, _ in results] == [200] * 20
+    assert len({successor for _, _, successor in results}) == 1
