@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import auth_api, errors, pipeline, revocations
 from .config import Config
@@ -44,8 +45,10 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
         await gw.revocations.sync()
         await gw.proxy.start()
         app[GATEWAY] = gw
-        app[_ENDPOINTS] = {**auth_api.endpoints(config.auth_prefix),
-                           "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
+        endpoints: dict[str, dict[str, Handler]] = {
+            **auth_api.endpoints(config.auth_prefix),
+            "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
+        app[_ENDPOINTS] = endpoints
         background = [asyncio.create_task(gw.revocations.run()),
                       asyncio.create_task(_purge_forever(gw))]
         try:
@@ -62,7 +65,7 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
     return ctx
 
 
-_ENDPOINTS = web.AppKey("endpoints", dict)
+_ENDPOINTS = web.AppKey("endpoints", dict[str, dict[str, Handler]])
 
 
 async def _purge_forever(gw: Gateway) -> None:
@@ -96,7 +99,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return await handler(request)
 
 
-def _own_endpoint(table: dict[str, dict[str, web.Handler]], path: str) -> dict[str, web.Handler] | None:
+def _own_endpoint(table: dict[str, dict[str, Handler]], path: str) -> dict[str, Handler] | None:
     """The gateway's endpoint at ``path``: an exact entry, or ``parent/{id}`` for one more
     non-empty segment (the handler reads the id from the normalized path)."""
     own = table.get(path)
@@ -116,7 +119,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Renders every error as JSON: ours, aiohttp's (a body over its limit, say), and, as
     the last resort, anything unexpected as a bare 500 without detail."""
     try:
@@ -148,7 +151,7 @@ class _EveryPath(web.PlainResource):
     """A resource at "/" that claims every request, whatever its path (the router consults
     "/" last, for any path); see the module docstring."""
 
-    def __init__(self, handler: web.Handler) -> None:
+    def __init__(self, handler: Handler) -> None:
         super().__init__("/")
         self._route = self.add_route("*", handler)
 

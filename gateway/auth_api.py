@@ -12,17 +12,24 @@ import html
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from string import Template
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import cookies, errors
-from .errors import (BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized,
-                     UnsupportedMediaType)
+from .errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from .paths import safe_next
 from .pipeline import authenticate
 from .proxy import strip_hop_by_hop
@@ -34,7 +41,6 @@ security = logging.getLogger("gateway.security")
 
 BODY_LIMIT = 16 * 1024
 BODY_TIMEOUT = 10.0  # seconds for a whole auth body to arrive
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PAGE = Template(resources.files(__package__).joinpath("login.html").read_text(encoding="utf-8"))
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -80,8 +86,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
     security.info("login", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
     if is_form:
-        response: web.StreamResponse = web.Response(
-            status=303, headers={"Location": safe_next(fields.get("next")), **_NO_STORE})
+        response = web.Response(status=303, headers={"Location": safe_next(fields.get("next")), **_NO_STORE})
     else:
         response = web.Response()
     return _signed_in(gw, response, user, session, refresh_token)

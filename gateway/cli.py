@@ -153,7 +153,9 @@ def _users_list(args: argparse.Namespace) -> int:
 
 
 def _users_change(args: argparse.Namespace) -> int:
-    action = {"remove": users.remove, "disable": users.disable, "enable": users.enable}[args.action]
+    actions: dict[str, Callable[[Store, str], Awaitable[int]]] = {
+        "remove": users.remove, "disable": users.disable, "enable": users.enable}
+    action = actions[args.action]
     ended = _with_store(args, lambda store: action(store, args.name))
     suffix = f"; ended {ended} session(s)" if ended else ""
     print(f"{_past(args.action)} user {args.name}{suffix}")
@@ -233,4 +235,4 @@ def _table(header: list[str], rows: list[list[Any]]) -> None:
         return
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -292,7 +292,7 @@ class _Section:
             return None
         return self.raw(key)
 
-    def str(
+    def text(
         self,
         key: str,
         default: str | None = None,
@@ -315,7 +315,7 @@ class _Section:
             return default or ""
         return value
 
-    def int(self, key: str, default: int, *, lo: int, hi: int) -> int:
+    def integer(self, key: str, default: int, *, lo: int, hi: int) -> int:
         value = self.raw(key, default)
         if isinstance(value, str) and value.strip().isdigit():  # e.g. from ${PORT}
             value = int(value)
@@ -327,7 +327,7 @@ class _Section:
             return default
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self.raw(key, default)
         if isinstance(value, str) and value.lower() in {"true", "false"}:
             value = value.lower() == "true"
@@ -360,7 +360,7 @@ class _Section:
             self.r.problem(self.at(key), f"give either {key} or {file_key}, not both")
             return b""
         if self.has(file_key):
-            name = self.str(file_key)
+            name = self.text(file_key)
             if not name:
                 return b""
             path = self.r.base_dir / name
@@ -374,12 +374,12 @@ class _Section:
                 self.r.problem(self.at(key), f"is empty ({name})")
             return data
         before = len(self.r.problems)
-        value = self.str(key, required=True)
+        value = self.text(key, required=True)
         if not value and len(self.r.problems) == before:  # not already reported (unset, missing)
             self.r.problem(self.at(key), "is empty")
         return value.encode()
 
-    def list(self, key: str) -> list[Any]:
+    def sequence(self, key: str) -> list[Any]:
         value = self.data.get(key)
         if value is None:
             return []
@@ -390,7 +390,7 @@ class _Section:
 
     def strings(self, key: str, *, pattern: re.Pattern[str] | None = None) -> list[str]:
         out = []
-        for i, item in enumerate(self.list(key)):
+        for i, item in enumerate(self.sequence(key)):
             item = self.r.expand(item, f"{self.at(key)}[{i}]")
             if not isinstance(item, str) or (pattern is not None and not pattern.fullmatch(item)):
                 self.r.problem(f"{self.at(key)}[{i}]", f"{item!r} is not a valid value")
@@ -429,9 +429,9 @@ def _fmt(seconds: float) -> str:
 def _config(r: _Reader, data: Any, source: str) -> Config | None:
     top = r.section(data, "", _TOP_KEYS)
     listen_s = r.section(top.raw("listen"), "listen", {"host", "port"})
-    listen = Listen(host=listen_s.str("host", "0.0.0.0"), port=listen_s.int("port", 8080, lo=1, hi=65535))
+    listen = Listen(host=listen_s.text("host", "0.0.0.0"), port=listen_s.integer("port", 8080, lo=1, hi=65535))
     public_url = _public_url(top)
-    auth_prefix = top.str("auth_prefix", "/auth")
+    auth_prefix = top.text("auth_prefix", "/auth")
     if not re.fullmatch(r"^(/[A-Za-z0-9._~-]+)+$", auth_prefix):
         r.problem("auth_prefix", "must be a path such as /auth")
         auth_prefix = "/auth"
@@ -439,7 +439,7 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
     tokens = _tokens(r, top)
     cookies = _cookies(r, top, auth_prefix, public_url)
     users = r.section(top.raw("users"), "users", {"source"})
-    users.str("source", "store", choices=("store",))
+    users.text("source", "store", choices=("store",))
     identity_headers = _identity_headers(top)
     routes = _routes(r, top, upstreams)
     return Config(
@@ -458,7 +458,7 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
 
 
 def _public_url(top: _Section) -> str | None:
-    url = top.str("public_url", "")
+    url = top.text("public_url", "")
     if not url:
         return None
     parts = urlsplit(url)
@@ -471,7 +471,7 @@ def _public_url(top: _Section) -> str | None:
 
 def _networks(top: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
-    for i, item in enumerate(top.list("trusted_proxies")):
+    for i, item in enumerate(top.sequence("trusted_proxies")):
         path = f"trusted_proxies[{i}]"
         before = len(top.r.problems)
         value = top.r.expand(item, path)
@@ -485,7 +485,7 @@ def _networks(top: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
 
 
 def _store(r: _Reader, top: _Section) -> str:
-    url = top.str("store", "sqlite:gateway.db")
+    url = top.text("store", "sqlite:gateway.db")
     # A relative path is relative to the config file, so `gateway -c dir/gateway.yaml` finds
     # the same store whatever the working directory.
     resolved = resolve_url(url, r.base_dir)
@@ -501,7 +501,7 @@ def _upstreams(r: _Reader, top: _Section) -> dict[str, Upstream]:
         if not re.fullmatch(r"^[A-Za-z0-9_-]{1,64}$", name):
             r.problem(path, "upstream names use letters, digits, _ and -")
         s = r.section(value, path, {"url", "timeout", "connect_timeout"})
-        url = s.str("url", required=True)
+        url = s.text("url", required=True)
         parts = urlsplit(url)
         if url and (parts.scheme not in {"http", "https"} or not parts.hostname):
             r.problem(s.at("url"), "must be an http:// or https:// URL")
@@ -526,11 +526,11 @@ def _tokens(r: _Reader, top: _Section) -> Tokens:
     if not top.has("tokens"):
         r.problem("tokens", "is required (issuer, audience, keys)")
     keys: list[SigningKey] = []
-    for i, item in enumerate(s.list("keys")):
+    for i, item in enumerate(s.sequence("keys")):
         path = f"tokens.keys[{i}]"
         k = r.section(item, path, {"kid", "algorithm", "secret", "secret_file"})
-        kid = k.str("kid", required=True, pattern=_KID)
-        algorithm = k.str("algorithm", "HS256", choices=tuple(_HMAC_MIN_BYTES)).upper()
+        kid = k.text("kid", required=True, pattern=_KID)
+        algorithm = k.text("algorithm", "HS256", choices=tuple(_HMAC_MIN_BYTES)).upper()
         secret = k.secret("secret")
         _check_secret(r, k.at("secret"), secret, algorithm)
         if kid and any(key.kid == kid for key in keys):
@@ -546,8 +546,8 @@ def _tokens(r: _Reader, top: _Section) -> Tokens:
     if access_ttl > refresh_ttl:
         r.problem("tokens.access_ttl", "must not be longer than tokens.refresh_ttl")
     return Tokens(
-        issuer=s.str("issuer", required=top.has("tokens")),
-        audience=s.str("audience", required=top.has("tokens")),
+        issuer=s.text("issuer", required=top.has("tokens")),
+        audience=s.text("audience", required=top.has("tokens")),
         keys=tuple(keys),
         access_ttl=access_ttl,
         refresh_ttl=refresh_ttl,
@@ -572,20 +572,20 @@ def _check_secret(r: _Reader, path: str, secret: bytes, algorithm: str) -> None:
 
 def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None) -> Cookies:
     s = r.section(top.raw("cookies"), "cookies", {"secure", "access", "refresh"})
-    secure = s.bool("secure", True)
+    secure = s.flag("secure", True)
     if not secure and public_url and public_url.startswith("https://"):
         r.problem("cookies.secure", "must be true when public_url is https")
 
     def cookie(key: str, name: str, same_site: str, path: str) -> Cookie:
         c = r.section(s.raw(key), s.at(key), {"name", "same_site", "path", "domain"})
-        site = c.str("same_site", same_site, choices=("strict", "lax", "none")).capitalize()
+        site = c.text("same_site", same_site, choices=("strict", "lax", "none")).capitalize()
         if site == "None" and not secure:
             r.problem(c.at("same_site"), "none needs cookies.secure: true (browsers refuse it otherwise)")
-        domain = c.str("domain", "") or None
+        domain = c.text("domain", "") or None
         return Cookie(
-            name=c.str("name", name, pattern=_COOKIE_NAME),
+            name=c.text("name", name, pattern=_COOKIE_NAME),
             same_site=site,  # type: ignore[arg-type]
-            path=c.str("path", path, pattern=re.compile(r"^/[A-Za-z0-9._~/-]*$")),
+            path=c.text("path", path, pattern=re.compile(r"^/[A-Za-z0-9._~/-]*$")),
             domain=domain,
         )
 
@@ -618,14 +618,14 @@ def _identity_headers(top: _Section) -> tuple[tuple[str, str], ...]:
 
 
 def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tuple[Route, ...]:
-    items = top.list("routes")
+    items = top.sequence("routes")
     if not items and not top.has("routes"):
         r.problem("routes", "at least one route is required (a request that matches none is denied)")
     out = []
     for i, item in enumerate(items):
         path = f"routes[{i}]"
         s = r.section(item, path, {"path", "methods", "access", "upstream"})
-        pattern = s.str("path", required=True)
+        pattern = s.text("path", required=True)
         if pattern:
             error = check_pattern(pattern)
             if error:
@@ -636,7 +636,7 @@ def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tup
             if not methods:
                 r.problem(s.at("methods"), "expected a non-empty list of methods")
         access = _route_access(r, s.raw("access", "authenticated"), s.at("access"))
-        upstream = s.str("upstream", next(iter(upstreams)) if len(upstreams) == 1 else None,
+        upstream = s.text("upstream", next(iter(upstreams)) if len(upstreams) == 1 else None,
                          required=len(upstreams) > 1)
         if upstream and upstreams and upstream not in upstreams:
             r.problem(s.at("upstream"), f"no upstream named {upstream!r} (have: {', '.join(upstreams)})")

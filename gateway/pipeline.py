@@ -11,9 +11,9 @@ from multidict import CIMultiDict
 from . import cookies
 from .config import Access
 from .errors import BadRequest, Forbidden, InvalidToken, Unauthorized
-from .state import ROUTE, USER, Gateway
 from .paths import Target
 from .proxy import strip_hop_by_hop
+from .state import ROUTE, USER, Gateway
 from .tokens import Identity
 
 

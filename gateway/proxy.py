@@ -131,12 +131,12 @@ class Proxy:
             out.add(name, value)
         if identity is not None:
             for header, claim in self._identity:
-                value = identity.claims.get(claim)
-                if isinstance(value, list):
-                    value = ",".join(str(v) for v in value)
-                if isinstance(value, bool) or not isinstance(value, (str, int)):
+                claimed = identity.claims.get(claim)
+                if isinstance(claimed, list):
+                    claimed = ",".join(str(v) for v in claimed)
+                if isinstance(claimed, bool) or not isinstance(claimed, (str, int)):
                     continue
-                text = str(value)
+                text = str(claimed)
                 if text.isascii() and text.isprintable():  # never CR, LF or NUL in a header
                     out[header] = text
         peer = request.remote or ""

@@ -14,7 +14,7 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 
@@ -99,7 +99,7 @@ class AccessTokens:
     def _check_claims(self, claims: dict[str, Any], token: str) -> Identity:
         cfg, now = self.cfg, self.clock()
         exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf", 0)
-        if not (_number(exp) and _number(iat) and _number(nbf)):
+        if not _number(exp) or not _number(iat) or not _number(nbf):
             raise InvalidToken().because("bad_time_claims")
         if now > exp + cfg.leeway:
             raise InvalidToken().because("expired")
@@ -114,7 +114,7 @@ class AccessTokens:
                 else isinstance(aud, list) and all(isinstance(a, str) for a in aud) and cfg.audience in aud):
             raise InvalidToken().because("wrong_audience")
         sub, sid, jti, roles = claims.get("sub"), claims.get("sid"), claims.get("jti"), claims.get("roles", [])
-        if not (_text(sub) and _text(sid) and _text(jti)):
+        if not _text(sub) or not _text(sid) or not _text(jti):
             raise InvalidToken().because("bad_claims")
         if not isinstance(roles, list) or not all(isinstance(r, str) and _ROLE.fullmatch(r) for r in roles):
             raise InvalidToken().because("bad_claims")
@@ -122,7 +122,7 @@ class AccessTokens:
                         claims=claims, token=token)
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     """A JSON number that is a plausible time: not a bool, not NaN or infinite, and not an
     integer too large to compare with a float."""
     if type(value) is int:
@@ -130,6 +130,6 @@ def _number(value: Any) -> bool:
     return type(value) is float and math.isfinite(value)
 
 
-def _text(value: Any) -> bool:
+def _text(value: Any) -> TypeGuard[str]:
     """Printable ASCII of a sane length: safe to put in a header and a log line as it is."""
     return isinstance(value, str) and 0 < len(value) <= 256 and value.isascii() and value.isprintable()

@@ -69,6 +69,8 @@ async def remove(store: Store, name: str, clock: Callable[[], float] = time.time
     return ended
 
 
-async def enable(store: Store, name: str) -> None:
+async def enable(store: Store, name: str, clock: Callable[[], float] = time.time) -> int:
+    """Let a disabled user sign in again; no session is ended (0)."""
     if not await store.update_user(name, disabled=False):
         raise UserError(f"no user named {name!r}")
+    return 0

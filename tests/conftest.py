@@ -24,8 +24,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway import config as config_module
 from gateway.app import create_app
-from gateway.server import HANDLER_OPTIONS
 from gateway.credentials import hash_password
+from gateway.server import HANDLER_OPTIONS
 from gateway.store import Store, User, open_store
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-1", "carol": "carol-password-1"}

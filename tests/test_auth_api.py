@@ -8,7 +8,6 @@ import logging
 
 import jwt
 import pytest
-
 from conftest import PASSWORDS, SECRET, Gateway, Upstream
 
 

@@ -120,7 +120,7 @@ def gateway_all(*calls: tuple[tuple[str, ...], str | None], env: dict[str, str],
              for args, stdin in calls]
     results = []
     try:
-        for proc, (_args, stdin) in zip(procs, calls):
+        for proc, (_args, stdin) in zip(procs, calls, strict=True):
             out, err = proc.communicate(stdin, timeout=60)
             results.append(Result(proc.returncode, out, err))
     finally:
@@ -316,7 +316,7 @@ def test_invalid_user_names_and_roles_are_refused(cfg_path: Path, env: dict[str,
     results = gateway_all(*[(("users", "add", *c, "--", name), "long-enough-1\n") for name in INVALID_NAMES],
                           (("users", "add", "carol", "--role", "user", "--role", "ad min", *c), "long-enough-1\n"),
                           env=env)
-    for name, result in zip(INVALID_NAMES, results):
+    for name, result in zip(INVALID_NAMES, results[:-1], strict=True):
         fails_with(result, f"invalid user name {name!r}")
     fails_with(results[-1], "invalid role 'ad min'")
     asyncio.run(_user(store_url))  # nobody was added

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Gateway, GatewayFactory
+
 from gateway import users
 from gateway.sessions import hash_token
 from gateway.state import GATEWAY
