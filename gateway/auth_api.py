@@ -39,7 +39,6 @@ from .store import Session, User
 
 security = logging.getLogger("gateway.security")
 
-BODY_LIMIT = 16 * 1024
 BODY_TIMEOUT = 10.0  # seconds for a whole auth body to arrive
 _PAGE = Template(resources.files(__package__).joinpath("login.html").read_text(encoding="utf-8"))
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -238,18 +237,19 @@ def _same_origin(gw: Gateway, request: web.Request) -> None:
 
 
 async def _read_fields(request: web.Request) -> tuple[dict[str, Any], bool]:
-    """The body as fields, and whether it was a form. At most BODY_LIMIT bytes are read,
-    whether or not the client declared a length."""
-    if request.content_length is not None and request.content_length > BODY_LIMIT:
+    """The body as fields, and whether it was a form. At most ``limits.auth_body`` bytes
+    are read, whether or not the client declared a length."""
+    limit = request.app[GATEWAY].config.limits.auth_body
+    if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge()
     kind = request.content_type
     if kind not in ("application/json", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType()
     try:
-        body = await asyncio.wait_for(_read_at_most(request, BODY_LIMIT + 1), BODY_TIMEOUT)
+        body = await asyncio.wait_for(_read_at_most(request, limit + 1), BODY_TIMEOUT)
     except asyncio.TimeoutError:
         raise RequestTimeout() from None
-    if len(body) > BODY_LIMIT:
+    if len(body) > limit:
         raise PayloadTooLarge()
     try:
         text = body.decode("utf-8")

@@ -55,6 +55,22 @@ class Route:
     # Access per method; "*" is every method not named.
     access: Mapping[str, Access]
     upstream: str
+    # Removed from the path before it is forwarded (and put back on the upstream's
+    # Location headers and cookie paths); "" for none.
+    strip_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    request_body: int = 100 * 1024 * 1024  # bytes a proxied request body may have
+    auth_body: int = 16 * 1024  # bytes a body to /auth/* may have
+
+
+@dataclass(frozen=True)
+class WebSockets:
+    # An open socket is closed this long after its access token expires (its session
+    # being revoked closes it at once).
+    expiry_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,12 +136,16 @@ class Config:
     cookies: Cookies
     identity_headers: tuple[tuple[str, str], ...]
     routes: tuple[Route, ...]
+    limits: Limits = Limits()
+    websockets: WebSockets = WebSockets()
     source: str = "<memory>"
 
 
 # --- loading --------------------------------------------------------------------------------
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_SIZE = re.compile(r"^(\d+)\s*([kmg]?)b?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header and method names
@@ -143,7 +163,7 @@ _PLACEHOLDER_SECRETS = {
 }
 _TOP_KEYS = {
     "listen", "public_url", "trusted_proxies", "store", "auth_prefix", "upstreams", "tokens",
-    "cookies", "users", "identity_headers", "routes",
+    "cookies", "users", "identity_headers", "routes", "limits", "websockets",
 }
 METHODS_KNOWN = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
@@ -154,6 +174,14 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ValueError(text)
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """``512``, ``16k``, ``100m``, ``2g`` (binary units, an optional ``b``) as bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -353,6 +381,24 @@ class _Section:
             return default
         return seconds
 
+    def size(self, key: str, default: int, *, lo: int, hi: int) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        try:
+            size = parse_size(value) if isinstance(value, str) else -1
+        except ValueError:
+            size = -1
+        if size < 0:
+            self.r.problem(self.at(key), f"expected a size like 16k, 100m or 2g, got {value!r}")
+            return default
+        if not lo <= size <= hi:
+            self.r.problem(self.at(key), f"must be between {lo} and {hi} bytes")
+            return default
+        return size
+
     def secret(self, key: str) -> bytes:
         """``key: value`` or ``key_file: PATH`` (read relative to the config file)."""
         file_key = f"{key}_file"
@@ -442,6 +488,11 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
     users.text("source", "store", choices=("store",))
     identity_headers = _identity_headers(top)
     routes = _routes(r, top, upstreams)
+    limits_s = r.section(top.raw("limits"), "limits", {"request_body", "auth_body"})
+    limits = Limits(request_body=limits_s.size("request_body", Limits.request_body, lo=0, hi=2**50),
+                    auth_body=limits_s.size("auth_body", Limits.auth_body, lo=1024, hi=1024**2))
+    ws = r.section(top.raw("websockets"), "websockets", {"expiry_grace"})
+    websockets = WebSockets(expiry_grace=ws.duration("expiry_grace", WebSockets.expiry_grace, hi=86400))
     return Config(
         listen=listen,
         public_url=public_url,
@@ -453,6 +504,8 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
         cookies=cookies,
         identity_headers=identity_headers,
         routes=routes,
+        limits=limits,
+        websockets=websockets,
         source=source,
     )
 
@@ -624,7 +677,7 @@ def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tup
     out = []
     for i, item in enumerate(items):
         path = f"routes[{i}]"
-        s = r.section(item, path, {"path", "methods", "access", "upstream"})
+        s = r.section(item, path, {"path", "methods", "access", "upstream", "strip_prefix"})
         pattern = s.text("path", required=True)
         if pattern:
             error = check_pattern(pattern)
@@ -640,8 +693,22 @@ def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tup
                          required=len(upstreams) > 1)
         if upstream and upstreams and upstream not in upstreams:
             r.problem(s.at("upstream"), f"no upstream named {upstream!r} (have: {', '.join(upstreams)})")
-        out.append(Route(index=i, path=pattern, methods=methods, access=access, upstream=upstream))
+        strip = s.text("strip_prefix", "")
+        if strip and not _is_prefix_of_pattern(strip, pattern):
+            r.problem(s.at("strip_prefix"), f"must be a leading part of the route's path, such as "
+                                            f"{pattern.rsplit('/', 1)[0] or '/app'!r}")
+            strip = ""
+        out.append(Route(index=i, path=pattern, methods=methods, access=access, upstream=upstream,
+                         strip_prefix=strip.rstrip("/")))
     return tuple(out)
+
+
+def _is_prefix_of_pattern(prefix: str, pattern: str) -> bool:
+    """``/app`` is a leading part of ``/app/**`` and ``/app/api/*``; ``/ap`` is not."""
+    if not prefix.startswith("/") or prefix == "/" or "*" in prefix or check_pattern(prefix):
+        return False
+    literal = pattern.split("*", 1)[0].rstrip("/")
+    return literal == prefix.rstrip("/") or literal.startswith(prefix.rstrip("/") + "/")
 
 
 def check_pattern(pattern: str) -> str | None:

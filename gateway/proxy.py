@@ -150,16 +150,30 @@ class Proxy:
                 out["X-Forwarded-Host"] = host
         return out
 
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        """The one client session (and connection pool) for every upstream."""
+        assert self._session is not None, "Proxy.start() was not called"
+        return self._session
+
+    def upstream_url(self, route: Route, target: Target) -> URL:
+        """Where ``target`` goes: the route's upstream, with ``strip_prefix`` removed from
+        the normalized path (``/app/x`` -> ``/x``, ``/app`` -> ``/``)."""
+        path = target.path
+        if route.strip_prefix:
+            path = path[len(route.strip_prefix):] or "/"
+        query = f"?{target.query}" if target.query else ""
+        return URL(self.config.upstreams[route.upstream].url + path + query, encoded=True)
+
     async def forward(
         self, request: web.Request, target: Target, route: Route, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
-        assert self._session is not None, "Proxy.start() was not called"
         upstream = self.config.upstreams[route.upstream]
-        url = URL(upstream.url + target.path_qs, encoded=True)
+        url = self.upstream_url(route, target)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout,
                                         sock_read=upstream.timeout)
         try:
-            answer = await self._session.request(
+            answer = await self.client.request(
                 request.method, url, headers=headers,
                 data=request.content if request.body_exists else None,
                 allow_redirects=False, timeout=timeout,
