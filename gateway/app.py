@@ -147,13 +147,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+async def _not_yet(request: web.Request) -> None:
+    return None
+
+
 class _EveryPath(web.PlainResource):
     """A resource at "/" that claims every request, whatever its path (the router consults
     "/" last, for any path); see the module docstring."""
 
     def __init__(self, handler: Handler) -> None:
         super().__init__("/")
-        self._route = self.add_route("*", handler)
+        # aiohttp would answer "Expect: 100-continue" as soon as the request arrives; the
+        # gateway does it itself once the request is authorized (proxy.continue_if_expected).
+        self._route = self.add_route("*", handler, expect_handler=_not_yet)
 
     async def resolve(self, request: web.Request) -> tuple[web.UrlMappingMatchInfo, set[str]]:
         return web.UrlMappingMatchInfo({}, self._route), {"*"}

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .paths import safe_next
 from .pipeline import authenticate
-from .proxy import strip_hop_by_hop
+from .proxy import continue_if_expected, strip_hop_by_hop
 from .sessions import RefreshRefused
 from .state import GATEWAY, PATH, Gateway
 from .store import Session, User
@@ -245,6 +245,7 @@ async def _read_fields(request: web.Request) -> tuple[dict[str, Any], bool]:
     kind = request.content_type
     if kind not in ("application/json", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType()
+    await continue_if_expected(request)
     try:
         body = await asyncio.wait_for(_read_at_most(request, limit + 1), BODY_TIMEOUT)
     except asyncio.TimeoutError:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -27,7 +27,7 @@ from yarl import URL
 
 from . import cookies
 from .config import Config, Route
-from .errors import BadGateway, GatewayTimeout
+from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from .paths import Target
 from .tokens import Identity
 
@@ -57,6 +57,25 @@ CHUNK = 64 * 1024
 def canonical(name: str) -> str:
     """A header name as WSGI/CGI upstreams see it: ``X_Auth.User`` is ``x-auth-user``."""
     return name.lower().replace("_", "-").replace(".", "-")
+
+
+async def continue_if_expected(request: web.BaseRequest) -> None:
+    """Send ``100 Continue`` to a client that asked for it. The gateway's own route does
+    not send it on arrival (see app.py): only once the request has been authorized, so an
+    unauthenticated client never uploads a body just to be refused."""
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the real response has not started
+
+
+def _prefixed_cookie_path(header: str, prefix: str) -> str:
+    """``a=1; Path=/x`` -> ``a=1; Path=/app/x`` for a route that strips ``/app``."""
+    parts = header.split(";")
+    for i, part in enumerate(parts[1:], start=1):
+        key, sep, value = part.strip().partition("=")
+        if sep and key.lower() == "path" and value.startswith("/"):
+            parts[i] = f" Path={prefix if value == '/' else prefix + value}"
+    return ";".join(parts)
 
 
 def strip_hop_by_hop(raw_headers: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
@@ -93,6 +112,17 @@ class Proxy:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def _prefixed_location(self, location: str, route: Route) -> str:
+        """Put ``strip_prefix`` back on a redirect to the upstream's own paths, so the
+        browser comes back through the same route: ``/login`` -> ``/app/login``, and
+        ``http://upstream:8000/login`` -> ``/app/login``. Other targets are left alone."""
+        origin = self.config.upstreams[route.upstream].url
+        if location.startswith(origin + "/") or location == origin:
+            location = location[len(origin):] or "/"
+        if location.startswith("/") and not location.startswith("//"):
+            return route.strip_prefix + location
+        return location
 
     def is_trusted(self, peer: str | None) -> bool:
         if not peer or not self.trusted:
@@ -172,28 +202,60 @@ class Proxy:
         url = self.upstream_url(route, target)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout,
                                         sock_read=upstream.timeout)
+        body = self._body(request)
+        await continue_if_expected(request)
         try:
             answer = await self.client.request(
-                request.method, url, headers=headers,
-                data=request.content if request.body_exists else None,
-                allow_redirects=False, timeout=timeout,
+                request.method, url, headers=headers, data=body, allow_redirects=False,
+                timeout=timeout,
             )
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             raise GatewayTimeout().because(f"timeout:{upstream.name}") from None
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, PayloadTooLarge) or isinstance(exc.__context__, PayloadTooLarge):
+                raise PayloadTooLarge().because("chunked_body_over_limit") from None
             raise BadGateway().because(f"{exc.__class__.__name__}:{upstream.name}") from None
         try:
-            return await self._relay(request, answer)
+            return await self._relay(request, answer, route)
         finally:
             answer.release()
 
-    async def _relay(self, request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+    def _body(self, request: web.Request) -> AsyncIterator[bytes] | aiohttp.StreamReader | None:
+        """The request body to stream upstream, held to ``limits.request_body``: a declared
+        length is checked before anything is sent; a chunked body is counted as it goes."""
+        if not request.body_exists:
+            return None
+        limit = self.config.limits.request_body
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise PayloadTooLarge()
+            return request.content
+
+        async def counted() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.content.iter_any():
+                seen += len(chunk)
+                if seen > limit:
+                    raise PayloadTooLarge()
+                yield chunk
+
+        return counted()
+
+    async def _relay(
+        self, request: web.Request, answer: aiohttp.ClientResponse, route: Route
+    ) -> web.StreamResponse:
         response = web.StreamResponse(status=answer.status, reason=answer.reason)
         named = {t.strip().lower() for v in answer.headers.getall("Connection", ()) for t in v.split(",")}
         for raw_name, raw_value in answer.raw_headers:
-            name = raw_name.decode("latin-1")
-            if name.lower() not in HOP_BY_HOP and name.lower() not in named:
-                response.headers.add(name, raw_value.decode("latin-1"))
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in named:
+                continue
+            if route.strip_prefix and lower == "location":
+                value = self._prefixed_location(value, route)
+            elif route.strip_prefix and lower == "set-cookie":
+                value = _prefixed_cookie_path(value, route.strip_prefix)
+            response.headers.add(name, value)
         await response.prepare(request)
         try:
             async for chunk in answer.content.iter_chunked(CHUNK):

@@ -8,6 +8,7 @@ listening socket. Time comes from a ``FakeClock`` so that tests move it instead 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import secrets
 import time
@@ -88,6 +89,19 @@ async def _upstream_app(state: Upstream) -> web.Application:
             for i in range(0, size, 256 * 1024):
                 await response.write(data[i:i + 256 * 1024])
             await response.write_eof()
+            return response
+        if path.endswith("/respond"):
+            # /respond?status=N&header=Name:Value&header=...&body=text&gzip=1: an answer to order
+            response = web.Response(status=int(request.query.get("status", "200")))
+            for spec in request.query.getall("header", []):
+                name, _, value = spec.partition(":")
+                response.headers.add(name, value)
+            if "body" in request.query:
+                data = request.query["body"].encode()
+                if request.query.get("gzip"):
+                    data = gzip.compress(data, mtime=0)
+                    response.headers["Content-Encoding"] = "gzip"
+                response.body = data
             return response
         if path == "/cookies":
             response = web.Response(text="cookies")
