@@ -1,4 +1,5 @@
-"""A proxied request, top to bottom: match route -> authenticate -> authorize -> forward."""
+"""A proxied request, top to bottom: match route -> authenticate -> authorize -> forward (or,
+for a WebSocket upgrade, relay)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from urllib.parse import quote
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import cookies
+from . import cookies, websockets
 from .config import Access
 from .errors import BadRequest, Forbidden, InvalidToken, Unauthorized
 from .paths import Target
@@ -32,6 +33,8 @@ async def handle(gw: Gateway, request: web.Request, target: Target) -> web.Strea
         request[USER] = identity.sub
         authorize(access, identity)
     headers = gw.proxy.upstream_headers(request, inbound, identity)
+    if websockets.is_upgrade(request):
+        return await websockets.relay(gw, request, target, route, headers, identity)
     return await gw.proxy.forward(request, target, route, headers)
 
 
