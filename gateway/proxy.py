@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -57,6 +57,19 @@ CHUNK = 64 * 1024
 def canonical(name: str) -> str:
     """A header name as WSGI/CGI upstreams see it: ``X_Auth.User`` is ``x-auth-user``."""
     return name.lower().replace("_", "-").replace(".", "-")
+
+
+class _Relayed(web.StreamResponse):
+    """An upstream's answer, headers as the upstream sent them: aiohttp adds
+    ``Content-Type: application/octet-stream`` to a body without one, and its own
+    ``Server``, which would change how a browser treats the body and name the gateway's
+    software. Only the framing headers are the gateway's to choose."""
+
+    async def _prepare_headers(self) -> None:
+        sent = {name for name in (hdrs.CONTENT_TYPE, hdrs.SERVER) if name in self.headers}
+        await super()._prepare_headers()
+        for name in {hdrs.CONTENT_TYPE, hdrs.SERVER} - sent:
+            self.headers.popall(name, None)
 
 
 async def continue_if_expected(request: web.BaseRequest) -> None:
@@ -244,7 +257,7 @@ class Proxy:
     async def _relay(
         self, request: web.Request, answer: aiohttp.ClientResponse, route: Route
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        response = _Relayed(status=answer.status, reason=answer.reason)
         named = {t.strip().lower() for v in answer.headers.getall("Connection", ()) for t in v.split(",")}
         for raw_name, raw_value in answer.raw_headers:
             name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")

@@ -49,8 +49,7 @@ HEAD is checked on answers with a ``Content-Length`` only: waitress ends a *chun
 answer with a stray ``0\\r\\n\\r\\n`` (a waitress bug), which aiohttp's client, ours and the
 gateway's alike, rejects when it arrives with the head (the gateway then answers 502).
 
-Known gateway bug, kept as a strict xfail: an answer with a body and no ``Content-Type``
-(httpbin's ``/status/418``) gets ``Content-Type: application/octet-stream`` added.
+An answer with a body and no ``Content-Type`` (httpbin's ``/status/418``) gets none added.
 """
 
 from __future__ import annotations
@@ -312,9 +311,6 @@ async def test_same_answers_direct_and_through_the_gateway(
     assert not differed, "\n\n".join(f"[{case}] {why}" for case, why in differed.items())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway bug: an answer with a body and no Content-Type gets Content-Type: "
-    "application/octet-stream (aiohttp's StreamResponse._prepare_headers, from Proxy._relay)"))
 async def test_an_answer_without_content_type_gets_none_added(
     client: aiohttp.ClientSession, httpbin_url: str, gateway: Gateway
 ) -> None:
