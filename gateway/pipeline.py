@@ -19,7 +19,7 @@ from .tokens import Identity
 
 
 async def handle(gw: Gateway, request: web.Request, target: Target) -> web.StreamResponse:
-    route, access = gw.routes.decide(request.method, target.path)
+    route, access = gw.routes.decide(request.method, target.path, target.query)
     request[ROUTE] = route
     inbound = strip_hop_by_hop(request.raw_headers)
     identity = None

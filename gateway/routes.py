@@ -11,9 +11,10 @@ that ignores case) can only make a request *more* protected, never less.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from .config import Access, Route
-from .errors import MethodNotAllowed, NotFound
+from .errors import BadRequest, MethodNotAllowed, NotFound
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,32 @@ class RouteTable:
                 return c.route
         return None
 
-    def decide(self, method: str, path: str) -> tuple[Route, Access]:
+    def decide(self, method: str, path: str, query: str = "") -> tuple[Route, Access]:
         """The route for this request and the access it requires; NotFound when no route
-        matches, MethodNotAllowed when the matching route does not allow the method."""
+        matches, MethodNotAllowed when the matching route does not allow the method.
+
+        Frameworks such as Rails, Laravel and Play act on ``?_method=DELETE`` as if it were
+        the method. The query cannot be stripped safely, so a method named there must be
+        allowed too, and need the same access as the request's own; otherwise the request
+        is refused rather than guessed about (400 ``ambiguous_method``)."""
         route = self.match(path)
         if route is None:
             raise NotFound()
-        return route, access_for(route, method)
+        access = access_for(route, method)
+        override = method_override(query)
+        if override is not None and override != method and access_for(route, override) != access:
+            raise BadRequest("ambiguous_method", "The query names a method that needs other access.")
+        return route, access
+
+
+def method_override(query: str) -> str | None:
+    """The method a ``_method`` query parameter names, upper-cased, or None."""
+    if "_method" not in query.lower():
+        return None
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name.lower() == "_method":
+            return value.strip().upper()
+    return None
 
 
 def access_for(route: Route, method: str) -> Access:

@@ -364,3 +364,20 @@ async def test_client_disconnect_mid_download_leaves_gateway_serving(gw: Gateway
             await resp.content.read(1024)
     async with gw.http.get(f"{gw.url}/healthz") as resp:
         assert resp.status == 200
+
+
+async def test_method_override_cannot_widen_access(gateway_factory: GatewayFactory, upstream: Upstream) -> None:
+    # SEC-14: POST is open to any signed-in user here, DELETE only to admins.
+    def api(raw: dict) -> None:
+        raw["routes"].insert(0, {"path": "/api/**", "access": {"POST": "authenticated", "DELETE": {"roles": ["admin"]}}})
+
+    gw = await gateway_factory(api)
+    alice = {"Authorization": f"Bearer {await gw.token('alice')}"}
+    async with gw.http.post(f"{gw.url}/api/items/7?_method=DELETE", headers=alice) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"] == "ambiguous_method"
+    assert upstream.seen == []
+    for header in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
+        async with gw.http.post(f"{gw.url}/api/items/7", headers={**alice, header: "DELETE"}) as resp:
+            assert resp.status == 200  # authorized as the POST it is...
+        assert upstream.seen[-1].header(header) == []  # ...and the upstream never hears otherwise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import AUTHENTICATED, PUBLIC, Access, Route
-from gateway.errors import MethodNotAllowed, NotFound
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 from gateway.routes import RouteTable
 
 ADMIN = Access("rules", roles=frozenset({"admin"}))
@@ -50,6 +50,26 @@ def test_per_method_access_without_default_is_405() -> None:
     with pytest.raises(MethodNotAllowed) as refused:
         table.decide("DELETE", "/api/x")
     assert refused.value.headers["Allow"] == "GET, HEAD, POST"
+
+
+@pytest.mark.parametrize("method, query, outcome", [
+    ("POST", "_method=DELETE", MethodNotAllowed),  # /admin/** does not allow DELETE at all
+    ("POST", "x=1&_METHOD=get", 1),  # the same access as POST: fine
+    ("GET", "_method=", MethodNotAllowed),  # an empty method is no method the route allows
+])
+def test_method_override_in_the_query(method: str, query: str, outcome: object) -> None:
+    if isinstance(outcome, int):
+        assert TABLE.decide(method, "/admin/x", query)[0].index == outcome
+    else:
+        with pytest.raises(outcome):  # type: ignore[call-overload]
+            TABLE.decide(method, "/admin/x", query)
+
+
+def test_method_override_needing_other_access_is_refused() -> None:
+    with pytest.raises(BadRequest) as refused:
+        TABLE.decide("GET", "/files/a", "_method=PUT")  # GET is public there, PUT is not
+    assert refused.value.code == "ambiguous_method"
+    assert TABLE.decide("PUT", "/files/a", "_method=DELETE")[1] is AUTHENTICATED
 
 
 def test_no_match_is_denied() -> None:
