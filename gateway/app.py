@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 
 from . import auth_api, errors, pipeline, revocations
 from .config import Config
-from .errors import GatewayError, MethodNotAllowed, NotFound, StoreUnavailable
+from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, StoreUnavailable
 from .paths import normalize
 from .state import ERROR, GATEWAY, IP, PATH, Gateway
 from .store import Store, open_store
@@ -85,6 +85,7 @@ async def _purge_forever(gw: Gateway) -> None:
 async def dispatch(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     request[IP] = gw.proxy.client_ip(request)
+    _check_framing(request)
     target = normalize(request.raw_path)
     request[PATH] = target.path
     own = _own_endpoint(request.app[_ENDPOINTS], target.path)
@@ -97,6 +98,18 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if handler is None:
         raise MethodNotAllowed(set(own) | ({"HEAD"} if "GET" in own else set()))
     return await handler(request)
+
+
+def _check_framing(request: web.Request) -> None:
+    """Refuse what aiohttp's parsers let through but a strict one would not, before anything
+    is decided: an HTTP version other than 1.0 or 1.1 (0.9, 2.0, 1.9, ... in an HTTP/1
+    request line), and any Transfer-Encoding but a single ``chunked``. Another proxy in
+    front could read such bytes differently, which is how requests are smuggled."""
+    if request.version not in ((1, 0), (1, 1)):
+        raise BadRequest("invalid_request", "Only HTTP/1.0 and HTTP/1.1 are spoken here.")
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if codings and [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
+        raise BadRequest("invalid_request", "The only Transfer-Encoding accepted is chunked.")
 
 
 def _own_endpoint(table: dict[str, dict[str, Handler]], path: str) -> dict[str, Handler] | None:
@@ -140,9 +153,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled_error", extra={"fields": {"path": request.get(PATH)}})
         response = errors.response(GatewayError())
-    if request.body_exists and not request.content.at_eof():
-        # Refused before its body was read (a 401 for an upload, say): close rather than
-        # read and discard what may be gigabytes to keep the connection alive.
+    if response.status == 400 or (request.body_exists and not request.content.at_eof()):
+        # A malformed request may have been framed differently than we read it: whatever
+        # follows on this connection is not trusted as a request. And a request refused
+        # before its body was read (a 401 for an upload, say) is closed rather than read
+        # and discarded, which may be gigabytes, to keep the connection alive.
         response.force_close()
     return response
 

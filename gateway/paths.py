@@ -18,6 +18,7 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 # "..;" means ".." to them), plus the "/" separator.
 _RAW_ALLOWED = frozenset(_UNRESERVED | set(b"!$&'()*+,=:@/"))
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_HEX_BYTES = frozenset(bytes([b]) for b in _HEX)
 # Decoded, these would change the path's structure or mean different things to different
 # upstreams: "/", "\" and ";".
 _AMBIGUOUS = frozenset(b"/\\;")
@@ -40,8 +41,8 @@ def normalize(raw_target: str) -> Target:
     """``/static/%2e%2e//admin/./users?x`` -> ``Target("/admin/users", "x")``.
 
     Steps, in this order: refuse anything outside origin-form; decode percent-encoded
-    unreserved characters (and nothing else: ``%252e`` stays ``%252e``); refuse encoded
-    ``/``, ``\\``, ``;``, NUL, control characters, malformed escapes and invalid UTF-8;
+    unreserved characters (and nothing else); refuse encoded ``/``, ``\\``, ``;``, an
+    escaped escape (``%252e``), NUL, control characters, malformed escapes and invalid UTF-8;
     merge repeated slashes; remove dot segments (RFC 3986 section 5.2.4), clamped at root.
     """
     if not raw_target.startswith("/"):
@@ -81,6 +82,10 @@ def _decode_segment(raw: str) -> str:
             if hi not in _HEX or lo not in _HEX:
                 raise ambiguous("The path has an invalid percent-escape.")
             value = int(data[i + 1 : i + 3], 16)
+            if value == 0x25 and data[i + 3 : i + 4] in _HEX_BYTES and data[i + 4 : i + 5] in _HEX_BYTES:
+                # "%25" + two hex digits is an escape of an escape: an upstream that decodes
+                # once more than HTTP does would see "%2e%2e", then "..".
+                raise ambiguous("A percent-escape of a percent-escape is not allowed in the path.")
             if value in _AMBIGUOUS:
                 raise ambiguous("An encoded '/', '\\' or ';' is not allowed in the path.")
             if value < 0x20 or value == 0x7F:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_parser, web
 
 from . import logs
 from .app import create_app
@@ -33,6 +33,11 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
     port = port if port is not None else config.listen.port
     log.info("starting", extra={"fields": {"config": config.source, "host": host, "port": port,
                                            "routes": len(config.routes)}})
+    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
+        # e.g. AIOHTTP_NO_EXTENSIONS=1, or a platform without aiohttp's C extension
+        log.warning("python_http_parser", extra={"fields": {
+            "why": "aiohttp's C parser (llhttp) is not in use; the pure-Python one accepts some "
+                   "malformed chunked bodies that llhttp refuses"}})
     web.run_app(
         create_app(config),
         host=host,

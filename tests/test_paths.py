@@ -17,7 +17,7 @@ NORMALIZED = [
     ("/static/%2E%2E/admin", "/admin", ""),
     ("/static/.%2e/admin", "/admin", ""),
     ("/static/%2e./admin", "/admin", ""),
-    ("/static/%252e%252e/admin", "/static/%252e%252e/admin", ""),  # decoded once, never twice
+    ("/100%25", "/100%25", ""),  # a literal "%" stays escaped
     ("//admin//users", "/admin/users", ""),
     ("///admin///users", "/admin/users", ""),
     ("/static//../admin/users", "/admin/users", ""),  # "//" is merged first, then ".." pops
@@ -41,7 +41,7 @@ REFUSED = [
     "/%2fadmin/users", "/static\\..\\admin\\users", "/admin;jsessionid=x/users", "/admin;/users",
     "/static/..;/admin/users", "/admin%3Busers", "/admin/users%00.css", "/admin%0a/users",
     "/admin%09/users", "/admin%7f", "/admin/%", "/admin/%zz", "/admin/%f", "/admin/%ff",
-    "/admin/%c0%ae%c0%ae/", "/admin/users#/static/x", "http://evil/admin", "*", "admin",
+    "/admin/%c0%ae%c0%ae/", "/static/%252e%252e/admin", "/%2561dmin/users", "/static/..%252fadmin", "/admin/users#/static/x", "http://evil/admin", "*", "admin",
     "/a b", "/ä",
 ]
 
