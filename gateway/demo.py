@@ -37,6 +37,7 @@ cookies:
 identity_headers: {{X-Auth-User: sub, X-Auth-Roles: roles}}
 routes:
   - {{path: /static/**, access: public}}
+  - {{path: /spa/**, access: public}}       # the single-page app's files (examples/spa)
   - {{path: /admin/**, access: {{roles: [admin]}}}}
   - {{path: /**, access: authenticated}}
 """
@@ -99,7 +100,8 @@ gateway demo is running at {url}
 Users:  alice / {alice}   (role user)
         bob   / {passwords["bob"]}   (role admin)
 
-Open {url}/ in a browser and sign in, or try with curl:
+Open {url}/ in a browser and sign in, or try with curl (below).
+Open {url}/spa/ for a single-page app that keeps its token in memory (examples/spa/).
 
   curl -i {url}/static/hello.txt                  # public: no token needed
   curl -i {url}/whoami                            # 401: no token
