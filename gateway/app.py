@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import auth_api, errors, pipeline, revocations
+from . import auth_api, cookies, cors, errors, pipeline, revocations
 from .config import Config
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, StoreUnavailable
 from .paths import normalize
-from .state import ERROR, GATEWAY, IP, PATH, Gateway
+from .state import CLEAR_COOKIES, CORS, ERROR, GATEWAY, IP, PATH, RENEWED, Gateway
 from .store import Store, open_store
 
 log = logging.getLogger("gateway")
@@ -34,7 +34,23 @@ def create_app(
     app = web.Application(middlewares=[error_middleware])
     app.router.register_resource(_EveryPath(dispatch))
     app.cleanup_ctx.append(_lifecycle(config, clock, store))
+    app.on_response_prepare.append(_session_and_cors_headers)
     return app
+
+
+async def _session_and_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """What a request learned about the browser's session and origin goes on its answer,
+    whichever answer that is (the upstream's, a refusal, a WebSocket's 101)."""
+    gw = request.app[GATEWAY]
+    renewed = request.get(RENEWED)
+    if renewed is not None:
+        cookies.set_access(response, gw.config.cookies, renewed.access_token,
+                           min(int(gw.config.tokens.access_ttl), renewed.max_age))
+        cookies.set_refresh(response, gw.config.cookies, renewed.refresh_token, renewed.max_age)
+    elif request.get(CLEAR_COOKIES):
+        cookies.clear(response, gw.config.cookies)
+    if (allowed := request.get(CORS)) is not None:
+        cors.mark(response, *allowed)
 
 
 def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) \
@@ -94,6 +110,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if path == prefix or path.startswith(prefix + "/"):
             raise NotFound()  # the auth prefix (in any case) belongs to the gateway
         return await pipeline.handle(gw, request, target)
+    if origin := cors.allowed_origin(gw.config.auth_cors, request):
+        request[CORS] = (gw.config.auth_cors, origin)
+    if cors.is_preflight(request):
+        return cors.preflight(gw.config.auth_cors, request, set(own))
     handler = own.get(request.method) or (own.get("GET") if request.method == "HEAD" else None)
     if handler is None:
         raise MethodNotAllowed(set(own) | ({"HEAD"} if "GET" in own else set()))

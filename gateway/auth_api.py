@@ -15,15 +15,15 @@ import time
 from importlib import resources
 from string import Template
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
 
-from . import cookies, errors
+from . import browser, cookies, errors
 from .errors import (
     BadRequest,
-    Forbidden,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
@@ -61,18 +61,33 @@ def endpoints(prefix: str) -> dict[str, dict[str, Handler]]:
 
 async def login_page(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    return _page(gw, safe_next(request.query.get("next")), error="", status=200)
+    next_path = safe_next(request.query.get("next"))
+    try:
+        authenticate(gw, strip_hop_by_hop(request.raw_headers))
+    except (Unauthorized, BadRequest):
+        response = _page(gw, next_path, error="", status=200)
+        cookies.set_probe(response, gw.config.cookies)
+        return response
+    return web.Response(status=303, headers={"Location": next_path, **_NO_STORE})  # signed in already
 
 
 async def login(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    _same_origin(gw, request)
+    _refuse_cross_site(gw, request)
     fields, is_form = await _read_fields(request)
     username, password = fields.get("username"), fields.get("password")
     if not isinstance(username, str) or not isinstance(password, str) or not username \
             or len(username) > 256 or len(password) > 1024:
         raise BadRequest("invalid_request", "Send a username and a password as strings.")
     ip = gw.proxy.client_ip(request)
+    inbound = strip_hop_by_hop(request.raw_headers)
+    if is_form and not cookies.has_probe(inbound, gw.config.cookies):
+        # The page set a cookie; a browser that did not send it back keeps no cookies for
+        # this site, and signing it in would only lead back here.
+        response = _page(gw, safe_next(fields.get("next")), status=400,
+                         error="Your browser is not keeping cookies for this site. Allow them to sign in.")
+        cookies.set_probe(response, gw.config.cookies)
+        return response
     try:
         user = await gw.credentials.check(username, password)
     except Unauthorized as exc:
@@ -82,6 +97,7 @@ async def login(request: web.Request) -> web.StreamResponse:
             return _page(gw, safe_next(fields.get("next")), status=401,
                          error="The user name or password is incorrect.")
         raise
+    await _end_presented_session(gw, inbound)
     session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
     security.info("login", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
     if is_form:
@@ -93,20 +109,16 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 async def refresh(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    _same_origin(gw, request)
+    _refuse_cross_site(gw, request)
     token = cookies.read(strip_hop_by_hop(request.raw_headers), gw.config.cookies.refresh.name)
     if token is None:
         raise Unauthorized("invalid_token", "No refresh token was sent.")
     try:
-        done = await gw.sessions.refresh(token)
+        done = await gw.sessions.refresh(token, gw.proxy.client_ip(request))
     except RefreshRefused as exc:
-        fields = {"reason": exc.reason, "ip": gw.proxy.client_ip(request)}
-        if exc.reason == "reused":
-            session = await gw.sessions.find(token)
-            fields |= {"user": session.user, "sid": session.id} if session else {}
-            security.warning("refresh_token_reused", extra={"fields": fields})
-        else:
-            security.info("refresh_refused", extra={"fields": fields})
+        if exc.reason != "reused":  # (a replay is logged by sessions, with its user)
+            security.info("refresh_refused", extra={"fields": {"reason": exc.reason,
+                                                               "ip": gw.proxy.client_ip(request)}})
         response = errors.response(exc)
         cookies.clear(response, gw.config.cookies)
         return response
@@ -115,7 +127,7 @@ async def refresh(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    _same_origin(gw, request)
+    _refuse_cross_site(gw, request)
     inbound = strip_hop_by_hop(request.raw_headers)
     session_id = None
     token = cookies.read(inbound, gw.config.cookies.refresh.name)
@@ -141,7 +153,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def logout_all(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    _same_origin(gw, request)
+    _refuse_cross_site(gw, request)
     identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
     ended = await gw.sessions.end_all(identity.sub, "logout_all")
     security.info("logout_all", extra={"fields": {"user": identity.sub, "ended": ended,
@@ -179,7 +191,7 @@ async def list_sessions(request: web.Request) -> web.Response:
 async def end_session(request: web.Request) -> web.Response:
     """End one of the signed-in user's own sessions (another device, say)."""
     gw = request.app[GATEWAY]
-    _same_origin(gw, request)
+    _refuse_cross_site(gw, request)
     identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
     session_id = request[PATH].rsplit("/", 1)[1]
     session = await gw.store.get_session(session_id)
@@ -195,6 +207,22 @@ async def end_session(request: web.Request) -> web.Response:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+async def _end_presented_session(gw: Gateway, inbound: CIMultiDict[str]) -> None:
+    """A sign-in always starts a new session, never continues one a browser brought along
+    (possibly planted by someone else: session fixation); that one is ended."""
+    token = cookies.read(inbound, gw.config.cookies.refresh.name)
+    session = await gw.sessions.find(token) if token else None
+    if session is not None and session.revoked_at is None:
+        await gw.sessions.end(session.id, "replaced_by_login")
+
+
+def _refuse_cross_site(gw: Gateway, request: web.Request) -> None:
+    """CSRF: state-changing endpoints take requests from the gateway's own origin (and from
+    the other origins ``auth_cors`` lists) only."""
+    allowed = gw.config.auth_cors.origins if gw.config.auth_cors else frozenset()
+    browser.refuse_cross_site(gw, request, allowed)
 
 
 def _iso(timestamp: float) -> str:
@@ -215,25 +243,6 @@ def _signed_in(gw: Gateway, response: web.Response, user: User, session: Session
     cookies.set_access(response, cfg, access_token, min(expires_in, gw.sessions.remaining(session)))
     cookies.set_refresh(response, cfg, refresh_token, gw.sessions.remaining(session))
     return response
-
-
-def _same_origin(gw: Gateway, request: web.Request) -> None:
-    """Refuse a request that a browser sent from another site (CSRF). Requests without
-    ``Origin`` and ``Sec-Fetch-Site`` (curl, API clients) carry no ambient credentials worth
-    forging, and pass."""
-    site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site.lower() not in ("same-origin", "none"):
-        raise Forbidden("csrf", "Cross-site requests are not allowed here.")
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return
-    if gw.config.public_url is not None:
-        allowed = origin == gw.config.public_url
-    else:
-        parts = urlsplit(origin)
-        allowed = parts.scheme in ("http", "https") and parts.netloc == request.host
-    if not allowed:
-        raise Forbidden("csrf", "Cross-site requests are not allowed here.")
 
 
 async def _read_fields(request: web.Request) -> tuple[dict[str, Any], bool]:
@@ -275,7 +284,11 @@ async def _read_at_most(request: web.Request, limit: int) -> bytes:
 
 
 def _page(gw: Gateway, next_path: str, *, error: str, status: int) -> web.Response:
+    look = gw.config.login_page
     page = _PAGE.substitute(
+        title=html.escape(look.title),
+        accent=look.accent_color,  # validated as #rgb or #rrggbb
+        logo=f'<img class="logo" src="{look.logo}" alt="">' if look.logo else "",
         action=html.escape(f"{gw.config.auth_prefix}/login"),
         next=html.escape(next_path),
         error=html.escape(error),
@@ -283,7 +296,7 @@ def _page(gw: Gateway, next_path: str, *, error: str, status: int) -> web.Respon
     )
     return web.Response(text=page, content_type="text/html", status=status, headers={
         **_NO_STORE,
-        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
                                    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         "X-Frame-Options": "DENY",
         "Referrer-Policy": "no-referrer",

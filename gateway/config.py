@@ -9,6 +9,7 @@ per request: the rest of the gateway trusts a ``Config``.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -58,6 +59,25 @@ class Route:
     # Removed from the path before it is forwarded (and put back on the upstream's
     # Location headers and cookie paths); "" for none.
     strip_prefix: str = ""
+    cors: Cors | None = None  # answer preflights and allow these other origins
+    csrf: bool = False  # refuse cross-site state-changing requests to this route
+
+
+@dataclass(frozen=True)
+class Cors:
+    origins: frozenset[str]  # exact origins such as https://spa.example.com
+    methods: frozenset[str]
+    headers: frozenset[str]  # lower-cased request header names a page may send
+    credentials: bool = False
+    max_age: int = 600
+    expose: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoginPage:
+    title: str = "Sign in"
+    accent_color: str = "#1f5fbf"
+    logo: str = ""  # a data: URL, read from logo_file when the config loads
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,8 @@ class Config:
     routes: tuple[Route, ...]
     limits: Limits = Limits()
     websockets: WebSockets = WebSockets()
+    login_page: LoginPage = LoginPage()
+    auth_cors: Cors | None = None  # other origins that may use /auth/* (an SPA elsewhere)
     source: str = "<memory>"
 
 
@@ -163,8 +185,13 @@ _PLACEHOLDER_SECRETS = {
 }
 _TOP_KEYS = {
     "listen", "public_url", "trusted_proxies", "store", "auth_prefix", "upstreams", "tokens",
-    "cookies", "users", "identity_headers", "routes", "limits", "websockets",
+    "cookies", "users", "identity_headers", "routes", "limits", "websockets", "login_page",
+    "auth_cors",
 }
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
+_COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
+_LOGO_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg",
+               ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif"}
 METHODS_KNOWN = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
@@ -493,6 +520,9 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
                     auth_body=limits_s.size("auth_body", Limits.auth_body, lo=1024, hi=1024**2))
     ws = r.section(top.raw("websockets"), "websockets", {"expiry_grace"})
     websockets = WebSockets(expiry_grace=ws.duration("expiry_grace", WebSockets.expiry_grace, hi=86400))
+    login_page = _login_page(r, top)
+    auth_cors = _cors(r, top.raw("auth_cors"), "auth_cors", frozenset({"GET", "POST", "DELETE"})) \
+        if top.has("auth_cors") else None
     return Config(
         listen=listen,
         public_url=public_url,
@@ -506,6 +536,8 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
         routes=routes,
         limits=limits,
         websockets=websockets,
+        login_page=login_page,
+        auth_cors=auth_cors,
         source=source,
     )
 
@@ -635,18 +667,21 @@ def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None
         if site == "None" and not secure:
             r.problem(c.at("same_site"), "none needs cookies.secure: true (browsers refuse it otherwise)")
         domain = c.text("domain", "") or None
-        return Cookie(
-            name=c.text("name", name, pattern=_COOKIE_NAME),
-            same_site=site,  # type: ignore[arg-type]
-            path=c.text("path", path, pattern=re.compile(r"^/[A-Za-z0-9._~/-]*$")),
-            domain=domain,
-        )
+        name = c.text("name", name, pattern=_COOKIE_NAME)
+        path = c.text("path", path, pattern=re.compile(r"^/[A-Za-z0-9._~/-]*$"))
+        if secure and path == "/" and domain is None and not name.startswith("__"):
+            # __Host-: the browser takes it only from this exact host, over HTTPS, for the
+            # whole site, so a sibling subdomain cannot plant or overwrite it.
+            name = "__Host-" + name
+        return Cookie(name=name, same_site=site, path=path, domain=domain)  # type: ignore[arg-type]
 
     access = cookie("access", "gw_access", "lax", "/")
-    refresh = cookie("refresh", "gw_refresh", "strict", auth_prefix)
+    # Path=/ (not the auth prefix) so that the gateway can renew an expired access token on
+    # any request of the browser's (README: "Browsers"), and so that it can be __Host-.
+    refresh = cookie("refresh", "gw_refresh", "strict", "/")
     if not (auth_prefix + "/").startswith(refresh.path.rstrip("/") + "/"):
         r.problem("cookies.refresh.path", f"must cover {auth_prefix}, where the refresh endpoint is")
-    if access.name == refresh.name:
+    if access.name.removeprefix("__Host-") == refresh.name.removeprefix("__Host-"):
         r.problem("cookies.refresh.name", "must differ from cookies.access.name")
     return Cookies(secure=secure, access=access, refresh=refresh)
 
@@ -677,7 +712,7 @@ def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tup
     out = []
     for i, item in enumerate(items):
         path = f"routes[{i}]"
-        s = r.section(item, path, {"path", "methods", "access", "upstream", "strip_prefix"})
+        s = r.section(item, path, {"path", "methods", "access", "upstream", "strip_prefix", "cors", "csrf"})
         pattern = s.text("path", required=True)
         if pattern:
             error = check_pattern(pattern)
@@ -698,9 +733,50 @@ def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tup
             r.problem(s.at("strip_prefix"), f"must be a leading part of the route's path, such as "
                                             f"{pattern.rsplit('/', 1)[0] or '/app'!r}")
             strip = ""
+        cors = _cors(r, s.raw("cors"), s.at("cors"), methods) if s.has("cors") else None
         out.append(Route(index=i, path=pattern, methods=methods, access=access, upstream=upstream,
-                         strip_prefix=strip.rstrip("/")))
+                         strip_prefix=strip.rstrip("/"), cors=cors, csrf=s.flag("csrf", False)))
     return tuple(out)
+
+
+def _cors(r: _Reader, value: Any, path: str, route_methods: frozenset[str] | None) -> Cors:
+    c = r.section(value, path, {"origins", "methods", "headers", "credentials", "max_age", "expose"})
+    origins = frozenset(o.rstrip("/") for o in c.strings("origins", pattern=_ORIGIN))
+    if not origins:
+        r.problem(c.at("origins"), "expected a list of origins such as https://spa.example.com "
+                                   "(a wildcard is never allowed)")
+    methods = frozenset(m.upper() for m in c.strings("methods", pattern=_TOKEN)) or \
+        (route_methods or frozenset({"GET", "HEAD", "POST"}))
+    headers = frozenset(h.lower() for h in c.strings("headers", pattern=_TOKEN)) or \
+        frozenset({"authorization", "content-type"})
+    return Cors(origins=origins, methods=methods, headers=headers,
+                credentials=c.flag("credentials", False),
+                max_age=int(c.duration("max_age", 600, hi=86400)),
+                expose=tuple(c.strings("expose", pattern=_TOKEN)))
+
+
+def _login_page(r: _Reader, top: _Section) -> LoginPage:
+    s = r.section(top.raw("login_page"), "login_page", {"title", "accent_color", "logo_file"})
+    title = s.text("title", LoginPage.title)
+    if len(title) > 100:
+        r.problem(s.at("title"), "must be at most 100 characters")
+    logo = ""
+    name = s.text("logo_file", "")
+    if name:
+        kind = _LOGO_TYPES.get(Path(name).suffix.lower())
+        try:
+            data = (r.base_dir / name).read_bytes()
+        except OSError as exc:
+            r.problem(s.at("logo_file"), f"cannot read {name}: {exc.strerror or exc}")
+            data = b""
+        if kind is None:
+            r.problem(s.at("logo_file"), f"must be one of: {', '.join(sorted(_LOGO_TYPES))}")
+        elif len(data) > 64 * 1024:
+            r.problem(s.at("logo_file"), "must be at most 64 KiB (it is sent inline with the page)")
+        elif data:
+            logo = f"data:{kind};base64,{base64.b64encode(data).decode()}"
+    return LoginPage(title=title, logo=logo,
+                     accent_color=s.text("accent_color", LoginPage.accent_color, pattern=_COLOR))
 
 
 def _is_prefix_of_pattern(prefix: str, pattern: str) -> bool:

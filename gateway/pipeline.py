@@ -4,32 +4,38 @@ for a WebSocket upgrade, relay)."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import cookies, websockets
+from . import browser, cookies, cors, websockets
 from .config import Access
 from .errors import BadRequest, Forbidden, InvalidToken, Unauthorized
 from .paths import Target
 from .proxy import strip_hop_by_hop
-from .state import ROUTE, USER, Gateway
+from .routes import allowed_methods, required
+from .state import CORS, ROUTE, USER, Gateway
 from .tokens import Identity
 
 
 async def handle(gw: Gateway, request: web.Request, target: Target) -> web.StreamResponse:
-    route, access = gw.routes.decide(request.method, target.path, target.query)
+    route = gw.routes.route_for(target.path)
     request[ROUTE] = route
+    if origin := cors.allowed_origin(route.cors, request):
+        request[CORS] = (route.cors, origin)
+    if cors.is_preflight(request):  # answered here: a preflight never carries a token
+        return cors.preflight(route.cors, request, allowed_methods(route))
+    access = required(route, request.method, target.query)
+    browser.guard_upstream(gw, request, route.csrf, route.cors.origins if route.cors else frozenset())
     inbound = strip_hop_by_hop(request.raw_headers)
     identity = None
     if not access.is_public:
         try:
             identity = authenticate(gw, inbound)
-        except Unauthorized:
-            if is_navigation(request.method, inbound):
-                return login_redirect(gw, target)
-            raise
+        except Unauthorized as refused:
+            identity = await browser.refresh_at_edge(gw, request, inbound)
+            if identity is None:
+                return browser.unauthenticated(gw, request, inbound, target, refused)
         request[USER] = identity.sub
         authorize(access, identity)
     headers = gw.proxy.upstream_headers(request, inbound, identity)
@@ -41,10 +47,25 @@ async def handle(gw: Gateway, request: web.Request, target: Target) -> web.Strea
 def authenticate(gw: Gateway, inbound: CIMultiDict[str]) -> Identity:
     """The identity of a valid access token from ``Authorization: Bearer`` or, failing
     that, the access cookie. Unauthorized when there is none; InvalidToken when the one
-    presented is not valid."""
-    token = bearer_token(inbound) or cookies.read(inbound, gw.config.cookies.access.name)
+    presented is not valid. A Bearer token and a cookie of two different users are refused
+    (``ambiguous_credentials``) rather than one of them guessed at."""
+    bearer = bearer_token(inbound)
+    cookie = cookies.read(inbound, gw.config.cookies.access.name)
+    token = bearer or cookie
     if token is None:
         raise Unauthorized()
+    identity = _verified(gw, token)
+    if bearer is not None and cookie is not None and cookie != bearer:
+        try:
+            other = _verified(gw, cookie)
+        except Unauthorized:
+            return identity  # a stale cookie beside a good Bearer token: the token decides
+        if other.sub != identity.sub:
+            raise Unauthorized("ambiguous_credentials", "The request carries the tokens of two users.")
+    return identity
+
+
+def _verified(gw: Gateway, token: str) -> Identity:
     identity = gw.tokens.verify(token)
     if gw.revocations.is_revoked(identity.sid):
         raise InvalidToken().because("session_revoked")
@@ -80,18 +101,3 @@ def _claim_holds(value: Any, wanted: str | int | bool) -> bool:
     if isinstance(value, list):
         return any(type(v) is type(wanted) and v == wanted for v in value)
     return type(value) is type(wanted) and value == wanted
-
-
-def is_navigation(method: str, headers: CIMultiDict[str]) -> bool:
-    """A browser loading a page, which wants the sign-in page rather than a 401. Script
-    traffic (fetch, XHR) must see the 401 so that it can refresh."""
-    if method not in ("GET", "HEAD") or "text/html" not in headers.get("Accept", ""):
-        return False
-    if headers.get("Sec-Fetch-Mode", "navigate").lower() != "navigate":
-        return False
-    return "X-Requested-With" not in headers
-
-
-def login_redirect(gw: Gateway, target: Target) -> web.Response:
-    location = f"{gw.config.auth_prefix}/login?next={quote(target.path_qs, safe='/')}"
-    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})

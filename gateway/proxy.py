@@ -107,7 +107,7 @@ class Proxy:
         self.trusted = config.trusted_proxies
         self._identity = tuple((header, claim) for header, claim in config.identity_headers)
         self._always_drop = NEVER_FORWARDED | {canonical(h) for h, _ in config.identity_headers}
-        self._own_cookies = (config.cookies.access.name, config.cookies.refresh.name)
+        self._own_cookies = cookies.names(config.cookies)
         public = urlsplit(config.public_url) if config.public_url else None
         self._public_scheme = public.scheme if public else None
         self._public_host = public.netloc if public else None

@@ -45,14 +45,23 @@ class RouteTable:
         the method. The query cannot be stripped safely, so a method named there must be
         allowed too, and need the same access as the request's own; otherwise the request
         is refused rather than guessed about (400 ``ambiguous_method``)."""
+        return (route := self.route_for(path)), required(route, method, query)
+
+    def route_for(self, path: str) -> Route:
+        """The first route whose path matches; NotFound when none does."""
         route = self.match(path)
         if route is None:
             raise NotFound()
-        access = access_for(route, method)
-        override = method_override(query)
-        if override is not None and override != method and access_for(route, override) != access:
-            raise BadRequest("ambiguous_method", "The query names a method that needs other access.")
-        return route, access
+        return route
+
+
+def required(route: Route, method: str, query: str = "") -> Access:
+    """What ``route`` requires of a request with this method and query (see decide)."""
+    access = access_for(route, method)
+    override = method_override(query)
+    if override is not None and override != method and access_for(route, override) != access:
+        raise BadRequest("ambiguous_method", "The query names a method that needs other access.")
+    return access
 
 
 def method_override(query: str) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from .errors import Unauthorized
 from .revocations import Revocations
 from .store import RefreshRules, Session, Store, User
 
+security = logging.getLogger("gateway.security")
 _REFRESH_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # token_urlsafe(32)
 
 
@@ -87,13 +89,18 @@ class Sessions:
         await self.store.create_session(session, hash_token(token))
         return session, token
 
-    async def refresh(self, token: str) -> Refreshed:
+    async def refresh(self, token: str, ip: str = "") -> Refreshed:
+        """Exchange ``token`` for its successor, or refuse with the reason. A replay is
+        logged as the security event ``refresh_token_reused`` (user, sid, ip; never the
+        token), whoever asked: the refresh endpoint or a renewal at the edge."""
         if not _REFRESH_TOKEN.fullmatch(token):
             raise RefreshRefused(*_REFUSALS["unknown"]).because("malformed")
         rotation = await self.store.rotate_refresh(
             hash_token(token), lambda chain_key: hash_token(successor(chain_key, token)),
             self.clock(), self.rules)
-        if rotation.outcome == "reused":
+        if rotation.outcome == "reused" and rotation.session is not None:
+            security.warning("refresh_token_reused", extra={"fields": {
+                "user": rotation.session.user, "sid": rotation.session.id, "ip": ip}})
             await self.revocations.sync()
         if rotation.outcome not in ("rotated", "grace") or rotation.session is None:
             raise RefreshRefused(*_REFUSALS[rotation.outcome]).because(rotation.outcome)

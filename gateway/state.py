@@ -48,9 +48,21 @@ class Gateway:
 
 GATEWAY = web.AppKey("gateway", Gateway)
 
-# What one request learned on its way, for the access log.
+@dataclass(frozen=True)
+class Renewal:
+    """Tokens renewed at the edge (browser.refresh_at_edge), to set as cookies on the answer."""
+
+    access_token: str
+    refresh_token: str
+    max_age: int  # seconds the session has left
+
+
+# What one request learned on its way: for the access log, and for the answer's headers.
 PATH = web.RequestKey("path", str)  # the normalized path
 IP = web.RequestKey("ip", str)  # the client's address (see Proxy.client_ip)
 ROUTE = web.RequestKey("route", Route)
 USER = web.RequestKey("user", str)
 ERROR = web.RequestKey("error", str)  # why the request was refused, for logs only
+RENEWED = web.RequestKey("renewed", Renewal)  # set these session cookies on the answer
+CLEAR_COOKIES = web.RequestKey("clear_cookies", bool)  # clear the session cookies on the answer
+CORS = web.RequestKey("cors", tuple)  # (Cors, origin): an allowed other origin asked

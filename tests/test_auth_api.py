@@ -8,7 +8,10 @@ import logging
 
 import jwt
 import pytest
+
 from conftest import PASSWORDS, SECRET, Gateway, Upstream
+
+PROBE = {"Cookie": "gw_probe=1"}  # the cookie the sign-in page sets, as a browser sends it back
 
 
 def _refresh_cookie(resp) -> str:  # type: ignore[no-untyped-def]
@@ -36,32 +39,44 @@ async def test_login_json_returns_token_and_cookies(gw: Gateway) -> None:
     assert access.value == body["access_token"]
     assert access["httponly"] and access["path"] == "/" and access["samesite"] == "Lax"
     assert int(access["max-age"]) == 900
-    assert refresh["httponly"] and refresh["path"] == "/auth" and refresh["samesite"] == "Strict"
+    assert refresh["httponly"] and refresh["path"] == "/" and refresh["samesite"] == "Strict"
     assert len(refresh.value) >= 43  # 256 bits, base64url
     assert int(refresh["max-age"]) == 14 * 86400
 
 
 async def test_secure_cookies_by_default(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    # SEC-43: Secure, HttpOnly, SameSite, no Domain, and the __Host- prefix, which a browser
+    # accepts only from this very host over HTTPS: a sibling subdomain cannot plant it.
     def secure(raw: dict) -> None:
         raw["cookies"] = {"secure": True}
+        raw["public_url"] = "https://gateway.test"
 
     gw = await gateway_factory(secure)
     async with gw.http.post(f"{gw.url}/auth/login",
                             json={"username": "alice", "password": PASSWORDS["alice"]}) as resp:
         assert resp.status == 200
-        assert resp.cookies["gw_access"]["secure"] and resp.cookies["gw_refresh"]["secure"]
+        set_cookies = resp.headers.getall("Set-Cookie")
+    assert [c.split("=")[0] for c in set_cookies] == ["__Host-gw_access", "__Host-gw_refresh"]
+    for header, same_site in zip(set_cookies, ("Lax", "Strict"), strict=True):
+        attributes = {a.strip().split("=")[0].lower() for a in header.split(";")[1:]}
+        assert attributes == {"httponly", "max-age", "path", "samesite", "secure"}
+        assert "Path=/" in header and f"SameSite={same_site}" in header
+    async with gw.http.post(f"{gw.url}/auth/logout", headers={"Cookie": set_cookies[1].split(";")[0]}) as resp:
+        cleared = resp.headers.getall("Set-Cookie")
+    assert [c.split("=")[0] for c in cleared] == ["__Host-gw_access", "__Host-gw_refresh"]
+    assert all("Secure" in c and "Path=/" in c and "Max-Age=0" in c for c in cleared)
 
 
 async def test_login_form_redirects_to_safe_next(gw: Gateway) -> None:
     form = {"username": "alice", "password": PASSWORDS["alice"], "next": "/reports?year=2026"}
-    async with gw.http.post(f"{gw.url}/auth/login", data=form, allow_redirects=False) as resp:
+    async with gw.http.post(f"{gw.url}/auth/login", data=form, allow_redirects=False, headers=PROBE) as resp:
         assert resp.status == 303
         assert resp.headers["Location"] == "/reports?year=2026"
         assert "gw_refresh" in resp.cookies and "gw_access" in resp.cookies
     for evil in ("//evil.example", "https://evil.example/", "/\\evil.example", "javascript:alert(1)",
                  "/%2F/evil.example", "///evil.example"):
         form["next"] = evil
-        async with gw.http.post(f"{gw.url}/auth/login", data=form, allow_redirects=False) as resp:
+        async with gw.http.post(f"{gw.url}/auth/login", data=form, allow_redirects=False, headers=PROBE) as resp:
             assert resp.status == 303
             assert resp.headers["Location"] == "/", evil
 
@@ -79,7 +94,7 @@ async def test_login_page_is_served_and_escapes_next(gw: Gateway) -> None:
 
 async def test_failed_form_login_shows_the_page_again(gw: Gateway) -> None:
     form = {"username": "alice", "password": "wrong-password", "next": "/reports"}
-    async with gw.http.post(f"{gw.url}/auth/login", data=form, allow_redirects=False) as resp:
+    async with gw.http.post(f"{gw.url}/auth/login", data=form, allow_redirects=False, headers=PROBE) as resp:
         assert resp.status == 401
         page = await resp.text()
         assert "gw_refresh" not in resp.cookies
@@ -318,7 +333,7 @@ async def test_logout_ends_the_session_and_clears_cookies(gw: Gateway) -> None:
     async with gw.http.post(f"{gw.url}/auth/logout", headers={"Cookie": f"gw_refresh={login['refresh_token']}"}) as resp:
         assert resp.status == 204
         cleared = {name: morsel for name, morsel in resp.cookies.items()}
-    assert cleared["gw_refresh"].value == "" and cleared["gw_refresh"]["path"] == "/auth"
+    assert cleared["gw_refresh"].value == "" and cleared["gw_refresh"]["path"] == "/"
     assert cleared["gw_access"].value == "" and cleared["gw_access"]["path"] == "/"
     assert cleared["gw_refresh"]["max-age"] == "0" and cleared["gw_refresh"]["httponly"]
     async with gw.http.post(f"{gw.url}/auth/refresh", headers={"Cookie": f"gw_refresh={login['refresh_token']}"}) as resp:

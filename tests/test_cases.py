@@ -13,6 +13,7 @@ import asyncio
 from typing import NamedTuple
 
 import pytest
+
 from conftest import Gateway, Upstream, raw_get, raw_request
 
 

@@ -89,8 +89,8 @@ def test_base_config_loads_with_its_values_and_defaults(tmp_path: Path) -> None:
             cfg.tokens.reuse_grace, cfg.tokens.leeway) == (900, 14 * 86400, 3 * 86400, 10, 5)
     assert cfg.cookies == config.Cookies(
         secure=True,
-        access=config.Cookie("gw_access", "Lax", "/"),
-        refresh=config.Cookie("gw_refresh", "Strict", "/auth"),
+        access=config.Cookie("__Host-gw_access", "Lax", "/"),  # secure, Path=/, no Domain: __Host-
+        refresh=config.Cookie("__Host-gw_refresh", "Strict", "/"),
     )
     assert cfg.auth_prefix == "/auth"
     assert cfg.identity_headers == (("X-Auth-User", "sub"), ("X-Auth-Roles", "roles"))

@@ -69,9 +69,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Gateway, GatewayFactory
 from multidict import CIMultiDict
 from yarl import URL
+
+from conftest import Gateway, GatewayFactory
 
 # --- httpbin, served by waitress ------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import os
 
 import aiohttp
 import pytest
+
 from conftest import PASSWORDS, Gateway, GatewayFactory, Upstream, _pattern, raw_get, raw_request
 
 

@@ -59,7 +59,6 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp import web
-from conftest import Gateway, GatewayFactory, Upstream
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -68,6 +67,8 @@ from gateway.paths import normalize
 from gateway.pipeline import authorize
 from gateway.routes import RouteTable
 from gateway.tokens import Identity
+
+from conftest import Gateway, GatewayFactory, Upstream
 
 pytestmark = pytest.mark.slow
 

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gateway, GatewayFactory
 
 from gateway import users
 from gateway.sessions import hash_token
 from gateway.state import GATEWAY
 from gateway.store import RefreshRules, Session
+
+from conftest import Gateway, GatewayFactory
 
 
 async def _status(gw: Gateway, token: str, path: str = "/profile") -> int:

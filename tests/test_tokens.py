@@ -11,11 +11,12 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, Gateway, Upstream
 
 from gateway.config import SigningKey, Tokens
 from gateway.errors import InvalidToken
 from gateway.tokens import AccessTokens
+
+from conftest import SECRET, Gateway, Upstream
 
 ISS, AUD = "https://gateway.test", "app"
 

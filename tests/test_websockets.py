@@ -19,10 +19,11 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
-from conftest import Gateway, GatewayFactory
 from multidict import CIMultiDict
 
 from gateway import websockets
+
+from conftest import Gateway, GatewayFactory
 
 WAIT = 5.0  # the longest any test waits for an event that must happen
 
