@@ -61,6 +61,11 @@ def test_refused(raw: str) -> None:
     ("/%2F/evil.example", "/"), ("%2F%2Fevil.example", "/"), ("https://evil.example", "/"),
     ("https:evil.example", "/"), ("javascript:alert(1)", "/"), (" javascript:alert(1)", "/"),
     ("data:text/html,x", "/"), ("", "/"), (None, "/"), ("/x\r\nSet-Cookie: a=b", "/"),
+    # SEC-50 and SEC-52, every input of the catalogue
+    ("//evil.example", "/"), ("%2F%2Fevil.example", "/"), ("/\\evil.example", "/"), ("\\/evil.example", "/"),
+    ("/%5Cevil.example", "/"), ("\\\\evil.example", "/"), ("///evil.example", "/"), ("/%2F/evil.example", "/"),
+    ("https:evil.example", "/"), ("http:evil.example", "/"), ("https:/evil.example", "/"),
+    ("JaVaScRiPt:alert(1)", "/"), ("data:text/html,<script>alert(1)</script>", "/"), ("vbscript:msgbox", "/"),
 ])
 def test_safe_next(value: object, expected: str) -> None:
     assert safe_next(value) == expected
