@@ -8,8 +8,10 @@ listening socket. Time comes from a ``FakeClock`` so that tests move it instead 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -234,6 +236,51 @@ async def gateway_factory(
 @pytest.fixture
 async def gw(gateway_factory: GatewayFactory) -> Gateway:
     return await gateway_factory()
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+REDIS_DEFAULT = "redis://127.0.0.1:6379/15"  # a database of the tests' own
+
+
+def _redis_answers(url: str) -> bool:
+    import redis  # noqa: PLC0415
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis the tests use: $GATEWAY_TEST_REDIS_URL (CI sets it, so CI never skips), else
+    a local server's database 15 if one answers."""
+    url = os.environ.get("GATEWAY_TEST_REDIS_URL")
+    if url:
+        return url
+    if not _redis_answers(REDIS_DEFAULT):
+        pytest.skip("no Redis: set GATEWAY_TEST_REDIS_URL or run one on 127.0.0.1:6379")
+    return REDIS_DEFAULT
+
+
+@contextlib.asynccontextmanager
+async def redis_store(url: str, prefix: str | None = None) -> AsyncIterator[Store]:
+    """A RedisStore under a key prefix of its own; its keys are deleted afterwards."""
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    from gateway.store.redis import RedisStore  # noqa: PLC0415
+
+    prefix = prefix or f"gwtest:{secrets.token_hex(6)}:"
+    client = aioredis.from_url(url)
+    store = RedisStore(client, prefix=prefix)
+    try:
+        yield store
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await store.close()
 
 
 # --- raw HTTP, for what a client library would tidy up ----------------------------------

@@ -148,12 +148,16 @@ class Store(Protocol):
         revocations older than that; how many sessions went. Never blocks the store for long."""
 
 
-STORE_URL_FORMS = "sqlite:///ABSOLUTE/PATH.db or sqlite:RELATIVE/PATH.db"
+STORE_URL_FORMS = "sqlite:///ABSOLUTE/PATH.db, sqlite:RELATIVE/PATH.db or redis://HOST:PORT/DB"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def resolve_url(url: str, base_dir: Path) -> str | None:
-    """``url`` in the form ``sqlite:///ABSOLUTE/PATH``, a relative SQLite path made
-    absolute against ``base_dir``; None when it is not a store URL we know."""
+    """``url`` with a relative SQLite path made absolute against ``base_dir`` (as
+    ``sqlite:///ABSOLUTE/PATH``); a Redis URL as it is; None when it is not a store URL
+    we know."""
+    if url.startswith(REDIS_SCHEMES):
+        return url if len(url.split("://", 1)[1]) > 0 else None
     if not url.startswith("sqlite:"):
         return None
     rest = url[len("sqlite:"):]
@@ -169,6 +173,12 @@ async def open_store(url: str) -> Store:
     resolved = resolve_url(url, Path.cwd())
     if resolved is None:
         raise UserError(f"unsupported store URL {url.split(':', 1)[0]!r}: expected {STORE_URL_FORMS}")
+    if resolved.startswith(REDIS_SCHEMES):
+        try:
+            from .redis import RedisStore
+        except ImportError:
+            raise UserError("the Redis store needs redis-py: pip install 'gateway[redis]'") from None
+        return await RedisStore.open(resolved)
     from .sqlite import SQLiteStore
 
     return await SQLiteStore.open("/" + resolved[len("sqlite:///"):])

@@ -1,0 +1,363 @@
+"""The shared store: Redis, through redis-py's asyncio client (``pip install 'gateway[redis]'``).
+
+For several workers and several replicas. Layout, under one prefix (``gw:``):
+
+- ``gw:u:NAME`` a user (hash), ``gw:users`` every user name (set);
+- ``gw:s:SID`` a session (hash), ``gw:us:NAME`` the user's session ids (set);
+- ``gw:t:HASH`` one refresh token of a chain (hash: session, generation, used_at, successor);
+- ``gw:revocations`` every revocation, in order (a stream: every replica reads it);
+- ``gw:f:KEY`` a failed-login counter (expires with its window).
+
+Rotation and revocation are WATCH/MULTI transactions over the token and its session: they
+decide with the same :func:`~gateway.store.judge_refresh` as every store, and a concurrent
+change to either key (another replica rotating or revoking) makes the transaction retry
+with what that replica wrote. Sessions and tokens expire by key TTL a day after the session
+can no longer be used, so nothing piles up.
+
+Redis Cluster is not supported: a rotation touches keys that would live in different slots.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from ..errors import StoreUnavailable, UserError
+from . import RefreshRules, Revocation, Rotation, Session, User, judge_refresh
+
+T = TypeVar("T")
+MARGIN = 86400  # keys outlive their session by a day, longer than any access token
+_RETRIES = 20
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, prefix: str = "gw:") -> None:
+        self._r: Any = client  # (redis-py types its replies loosely; decoded here by hand)
+        self._p = prefix
+
+    @classmethod
+    async def open(cls, url: str) -> RedisStore:
+        try:
+            client = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
+                                       health_check_interval=10)
+        except ValueError as exc:
+            raise UserError(f"cannot use the store URL: {exc}") from None
+        store = cls(client)
+        await store.ping()
+        return store
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def ping(self) -> None:
+        await self._guard(lambda: self._r.ping())
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def _guard(self, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable().because(f"redis: {exc.__class__.__name__}") from exc
+
+    def _user_key(self, name: str) -> str:
+        return f"{self._p}u:{name}"
+
+    def _session_key(self, sid: str) -> str:
+        return f"{self._p}s:{sid}"
+
+    def _token_key(self, token_hash: bytes) -> str:
+        return f"{self._p}t:{token_hash.hex()}"
+
+    def _sessions_of(self, user: str) -> str:
+        return f"{self._p}us:{user}"
+
+    def _tokens_of(self, sid: str) -> str:
+        return f"{self._p}st:{sid}"
+
+    @property
+    def _stream(self) -> str:
+        return f"{self._p}revocations"
+
+    # --- users ----------------------------------------------------------------------------
+
+    async def add_user(self, user: User) -> None:
+        async def work() -> None:
+            added = await self._r.hsetnx(self._user_key(user.name), "password_hash", user.password_hash)
+            if not added:
+                raise UserError(f"user {user.name!r} already exists")
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(self._user_key(user.name), mapping=_user_fields(user))
+                pipe.sadd(f"{self._p}users", user.name)
+                await pipe.execute()
+        await self._guard(work)
+
+    async def get_user(self, name: str) -> User | None:
+        fields = await self._guard(lambda: self._r.hgetall(self._user_key(name)))
+        return _user(name, fields) if fields else None
+
+    async def list_users(self) -> list[User]:
+        async def work() -> list[User]:
+            names = sorted(n.decode() for n in await self._r.smembers(f"{self._p}users"))
+            users = [await self.get_user(name) for name in names]
+            return [u for u in users if u is not None]
+        return await self._guard(work)
+
+    async def update_user(
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        roles: tuple[str, ...] | None = None,
+        disabled: bool | None = None,
+    ) -> bool:
+        changes: dict[str, str] = {}
+        if password_hash is not None:
+            changes["password_hash"] = password_hash
+        if roles is not None:
+            changes["roles"] = json.dumps(list(roles))
+        if disabled is not None:
+            changes["disabled"] = "1" if disabled else "0"
+
+        async def work() -> bool:
+            key = self._user_key(name)
+            async with self._r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(key)
+                        if not await pipe.exists(key):
+                            return False
+                        pipe.multi()
+                        if changes:
+                            pipe.hset(key, mapping=changes)
+                        await pipe.execute()
+                        return True
+                    except WatchError:
+                        continue
+        return await self._guard(work)
+
+    async def remove_user(self, name: str) -> bool:
+        async def work() -> bool:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.delete(self._user_key(name))
+                pipe.srem(f"{self._p}users", name)
+                removed, _ = await pipe.execute()
+            return bool(removed)
+        return await self._guard(work)
+
+    # --- sessions -------------------------------------------------------------------------
+
+    async def create_session(self, session: Session, refresh_hash: bytes) -> None:
+        async def work() -> None:
+            skey, tkey = self._session_key(session.id), self._token_key(refresh_hash)
+            until = int(session.expires_at) + MARGIN
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(skey, mapping=_session_fields(session))
+                pipe.expireat(skey, until)
+                pipe.hset(tkey, mapping={"sid": session.id, "generation": session.generation})
+                pipe.expireat(tkey, until)
+                pipe.sadd(self._tokens_of(session.id), tkey)
+                pipe.expireat(self._tokens_of(session.id), until)
+                pipe.sadd(self._sessions_of(session.user), session.id)
+                await pipe.execute()
+        await self._guard(work)
+
+    async def rotate_refresh(
+        self, old_hash: bytes, successor_hash: Callable[[bytes], bytes], now: float,
+        rules: RefreshRules,
+    ) -> Rotation:
+        async def work() -> Rotation:
+            tkey = self._token_key(old_hash)
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_RETRIES):
+                    try:
+                        await pipe.watch(tkey)
+                        token = await pipe.hgetall(tkey)
+                        if not token:
+                            return Rotation("unknown")
+                        sid = token[b"sid"].decode()
+                        skey = self._session_key(sid)
+                        await pipe.watch(skey)
+                        fields = await pipe.hgetall(skey)
+                        if not fields:
+                            return Rotation("unknown")
+                        session = _session(sid, fields)
+                        user_fields = await pipe.hgetall(self._user_key(session.user))
+                        user = _user(session.user, user_fields) if user_fields else None
+                        generation = int(token[b"generation"])
+                        used_at = float(token[b"used_at"]) if token.get(b"used_at") else None
+                        outcome = judge_refresh(session, generation, used_at, now, rules)
+                        if outcome == "grace":
+                            # Parallel tabs land here together: touching the session in the
+                            # watched transaction would make each retry the others. A plain
+                            # write of a later last use is all that is needed.
+                            await pipe.reset()
+                            if now > session.last_used_at + 1:
+                                await self._r.hset(skey, "last_used_at", repr(now))
+                                session = replace(session, last_used_at=now)
+                            return Rotation(outcome, session, user)
+                        pipe.multi()
+                        if outcome == "rotated":
+                            new_key = self._token_key(successor_hash(session.chain_key))
+                            until = int(min(session.expires_at, now + rules.idle_ttl)) + MARGIN
+                            pipe.hset(tkey, mapping={"used_at": repr(now), "successor": new_key})
+                            pipe.hset(new_key, mapping={"sid": sid, "generation": generation + 1})
+                            pipe.hset(skey, mapping={"generation": generation + 1, "last_used_at": repr(now)})
+                            pipe.sadd(self._tokens_of(sid), new_key)
+                            for key in (tkey, new_key, skey, self._tokens_of(sid)):
+                                pipe.expireat(key, until)
+                            session = replace(session, generation=generation + 1, last_used_at=now)
+                        elif outcome == "reused":
+                            session = replace(session, revoked_at=now, revoked_reason="refresh_token_reused")
+                            self._queue_revocation(pipe, session)
+                        await pipe.execute()
+                        return Rotation(outcome, session, user)
+                    except WatchError:
+                        continue  # another request changed the token or its session: judge again
+            raise StoreUnavailable().because("redis: rotation kept losing races")
+        return await self._guard(work)
+
+    def _queue_revocation(self, pipe: Any, session: Session) -> None:
+        pipe.hset(self._session_key(session.id), mapping={
+            "revoked_at": repr(session.revoked_at), "revoked_reason": session.revoked_reason or ""})
+        pipe.xadd(self._stream, {"sid": session.id, "at": repr(session.revoked_at)})
+
+    async def get_session(self, session_id: str) -> Session | None:
+        fields = await self._guard(lambda: self._r.hgetall(self._session_key(session_id)))
+        return _session(session_id, fields) if fields else None
+
+    async def session_of_refresh(self, refresh_hash: bytes) -> Session | None:
+        async def work() -> Session | None:
+            sid = await self._r.hget(self._token_key(refresh_hash), "sid")
+            return await self.get_session(sid.decode()) if sid else None
+        return await self._guard(work)
+
+    async def list_sessions(self, user: str | None = None) -> list[Session]:
+        async def work() -> list[Session]:
+            found = []
+            for key in await self._session_sets(user):
+                for raw in await self._r.smembers(key):
+                    session = await self.get_session(raw.decode())
+                    if session is None:  # expired with its key: forget it here too
+                        await self._r.srem(key, raw)
+                    else:
+                        found.append(session)
+            return sorted(found, key=lambda s: s.created_at)
+        return await self._guard(work)
+
+    async def _session_sets(self, user: str | None) -> list[str]:
+        if user is not None:
+            return [self._sessions_of(user)]
+        return [key.decode() async for key in self._r.scan_iter(match=f"{self._p}us:*", count=500)]
+
+    async def revoke_session(self, session_id: str, now: float, reason: str) -> bool:
+        async def work() -> bool:
+            skey = self._session_key(session_id)
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_RETRIES):
+                    try:
+                        await pipe.watch(skey)
+                        fields = await pipe.hgetall(skey)
+                        if not fields or fields.get(b"revoked_at"):
+                            return False
+                        pipe.multi()
+                        session = replace(_session(session_id, fields), revoked_at=now, revoked_reason=reason)
+                        self._queue_revocation(pipe, session)
+                        await pipe.execute()
+                        return True
+                    except WatchError:
+                        continue
+            raise StoreUnavailable().because("redis: revocation kept losing races")
+        return await self._guard(work)
+
+    async def revoke_user_sessions(self, user: str, now: float, reason: str) -> int:
+        async def work() -> int:
+            ended = 0
+            for raw in await self._r.smembers(self._sessions_of(user)):
+                ended += await self.revoke_session(raw.decode(), now, reason)
+            return ended
+        return await self._guard(work)
+
+    async def revocations_after(self, seq: int) -> list[Revocation]:
+        async def work() -> list[Revocation]:
+            start = f"({_stream_id(seq)}" if seq else "-"
+            entries = await self._r.xrange(self._stream, min=start, max="+")
+            return [Revocation(_seq(entry_id), fields[b"sid"].decode(), float(fields[b"at"]))
+                    for entry_id, fields in entries]
+        return await self._guard(work)
+
+    async def purge(self, now: float, rules: RefreshRules, horizon: float) -> int:
+        """Sessions and their tokens also expire by themselves (key TTLs, a day after they
+        can last be used); this ends those that ended more than ``horizon`` ago, by the
+        gateway's clock, and trims the revocation log to what still matters."""
+        ended_before = now - horizon
+
+        async def work() -> int:
+            removed = 0
+            for key in await self._session_sets(None):
+                for raw in await self._r.smembers(key):
+                    session = await self.get_session(raw.decode())
+                    if session is not None and not (
+                            session.expires_at < ended_before
+                            or (session.revoked_at is not None and session.revoked_at < ended_before)
+                            or session.last_used_at < ended_before - rules.idle_ttl):
+                        continue
+                    tokens = self._tokens_of(raw.decode())
+                    doomed = [self._session_key(raw.decode()), tokens,
+                              *[t.decode() for t in await self._r.smembers(tokens)]]
+                    async with self._r.pipeline(transaction=True) as pipe:
+                        pipe.delete(*doomed)
+                        pipe.srem(key, raw)
+                        await pipe.execute()
+                    removed += session is not None
+            # Stream ids are Redis's own clock: trim by it, not by ours.
+            seconds, micros = await self._r.time()
+            await self._r.xtrim(self._stream, minid=f"{int((seconds + micros / 1e6 - horizon) * 1000)}-0")
+            return removed
+        return await self._guard(work)
+
+
+def _stream_id(seq: int) -> str:
+    return f"{seq >> 32}-{seq & 0xFFFFFFFF}"
+
+
+def _seq(entry_id: bytes) -> int:
+    """A stream id ``ms-n`` as one increasing integer (the store contract's cursor)."""
+    ms, _, n = entry_id.decode().partition("-")
+    return (int(ms) << 32) | int(n)
+
+
+def _user_fields(user: User) -> dict[str, str]:
+    return {"password_hash": user.password_hash, "roles": json.dumps(list(user.roles)),
+            "disabled": "1" if user.disabled else "0", "created_at": repr(user.created_at)}
+
+
+def _user(name: str, f: dict[bytes, bytes]) -> User:
+    return User(name=name, password_hash=f[b"password_hash"].decode(),
+                roles=tuple(json.loads(f.get(b"roles", b"[]"))), disabled=f.get(b"disabled") == b"1",
+                created_at=float(f.get(b"created_at", b"0")))
+
+
+def _session_fields(s: Session) -> dict[str, Any]:
+    return {"user": s.user, "created_at": repr(s.created_at), "last_used_at": repr(s.last_used_at),
+            "expires_at": repr(s.expires_at), "generation": s.generation,
+            "revoked_at": "" if s.revoked_at is None else repr(s.revoked_at),
+            "revoked_reason": s.revoked_reason or "", "ip": s.ip, "user_agent": s.user_agent,
+            "chain_key": s.chain_key}
+
+
+def _session(sid: str, f: dict[bytes, bytes]) -> Session:
+    return Session(
+        id=sid, user=f[b"user"].decode(), created_at=float(f[b"created_at"]),
+        last_used_at=float(f[b"last_used_at"]), expires_at=float(f[b"expires_at"]),
+        generation=int(f[b"generation"]),
+        revoked_at=float(f[b"revoked_at"]) if f.get(b"revoked_at") else None,
+        revoked_reason=f[b"revoked_reason"].decode() or None if f.get(b"revoked_reason") else None,
+        ip=f.get(b"ip", b"").decode(), user_agent=f.get(b"user_agent", b"").decode(),
+        chain_key=f.get(b"chain_key", b""),
+    )
