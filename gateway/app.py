@@ -58,7 +58,10 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         store = given if given is not None else await open_store(config.store)
         gw = Gateway.build(config, store, clock)
-        await gw.revocations.sync()
+        try:
+            await gw.revocations.sync()
+        except StoreUnavailable as exc:  # serve anyway: /readyz says so, and the view catches up
+            log.warning("store_unavailable_at_start", extra={"fields": {"reason": exc.reason}})
         await gw.proxy.start()
         app[GATEWAY] = gw
         endpoints: dict[str, dict[str, Handler]] = {

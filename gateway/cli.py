@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from . import config as config_module
 from . import users
-from .errors import ConfigError, UserError
+from .errors import ConfigError, StoreUnavailable, UserError
 from .store import Store, open_store
 
 T = TypeVar("T")
@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 1
+    except StoreUnavailable as exc:
+        print(f"gateway: error: the store is unavailable ({exc.reason})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="serve")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="processes serving the port (default: the config's, else 1)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("check", parents=[common], help="validate the config")
@@ -108,8 +112,10 @@ def _run(args: argparse.Namespace) -> int:
     from .server import serve
 
     cfg = config_module.load(args.config)
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        raise UserError("--workers must be between 1 and 64")
     try:
-        serve(cfg, host=args.host, port=args.port)
+        serve(cfg, host=args.host, port=args.port, workers=args.workers)
     except OSError as exc:  # the port is taken, or the host is not ours
         host = args.host or cfg.listen.host
         port = args.port if args.port is not None else cfg.listen.port

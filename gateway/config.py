@@ -160,6 +160,7 @@ class Config:
     websockets: WebSockets = WebSockets()
     login_page: LoginPage = LoginPage()
     auth_cors: Cors | None = None  # other origins that may use /auth/* (an SPA elsewhere)
+    workers: int = 1  # processes serving the one port
     source: str = "<memory>"
 
 
@@ -186,7 +187,7 @@ _PLACEHOLDER_SECRETS = {
 _TOP_KEYS = {
     "listen", "public_url", "trusted_proxies", "store", "auth_prefix", "upstreams", "tokens",
     "cookies", "users", "identity_headers", "routes", "limits", "websockets", "login_page",
-    "auth_cors",
+    "auth_cors", "workers",
 }
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 _COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
@@ -538,6 +539,7 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
         websockets=websockets,
         login_page=login_page,
         auth_cors=auth_cors,
+        workers=top.integer("workers", 1, lo=1, hi=64),
         source=source,
     )
 

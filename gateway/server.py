@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.process
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +15,7 @@ from aiohttp import http_parser, web
 from . import logs
 from .app import create_app
 from .config import Config
+from .errors import UserError
 
 log = logging.getLogger("gateway")
 
@@ -26,23 +31,90 @@ HANDLER_OPTIONS: dict[str, Any] = {
 
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,
-          ready: Callable[[], None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM. ``ready`` is called once the port is listening."""
+          workers: int | None = None, ready: Callable[[], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM. ``ready`` is called once the port is listening (with
+    one worker). With several workers, each is a process of its own with its own event loop,
+    all listening on the same port (SO_REUSEPORT: the kernel spreads connections) and
+    sharing the store; this process only watches over them."""
     logs.setup()
     host = host or config.listen.host
     port = port if port is not None else config.listen.port
+    workers = workers or config.workers
     log.info("starting", extra={"fields": {"config": config.source, "host": host, "port": port,
-                                           "routes": len(config.routes)}})
+                                           "routes": len(config.routes), "workers": workers}})
     if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
         # e.g. AIOHTTP_NO_EXTENSIONS=1, or a platform without aiohttp's C extension
         log.warning("python_http_parser", extra={"fields": {
             "why": "aiohttp's C parser (llhttp) is not in use; the pure-Python one accepts some "
                    "malformed chunked bodies that llhttp refuses"}})
+    if workers == 1:
+        _serve_one(config, host, port, ready=ready, reuse_port=False)
+        return
+    if port == 0:
+        raise UserError("several workers need a fixed port: each of them listens on it")
+    _supervise(config, host, port, workers)
+
+
+def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None] | None,
+               reuse_port: bool) -> None:
     web.run_app(
         create_app(config),
         host=host,
         port=port,
+        reuse_port=reuse_port,
         **HANDLER_OPTIONS,
         print=(lambda _banner: ready()) if ready else None,
         shutdown_timeout=10,
     )
+
+
+def _worker(config: Config, host: str, port: int) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)  # aiohttp installs its own graceful handlers
+    try:
+        _serve_one(config, host, port, ready=None, reuse_port=True)
+    except OSError as exc:
+        log.error("worker_cannot_listen", extra={"fields": {"host": host, "port": port,
+                                                            "reason": exc.strerror or str(exc)}})
+        raise SystemExit(3) from None
+
+
+def _supervise(config: Config, host: str, port: int, count: int) -> None:
+    """Start ``count`` workers; restart one that dies; on SIGINT/SIGTERM, stop them all
+    (each finishes its requests in flight) and return."""
+    context = multiprocessing.get_context("fork")
+    stopping = False
+    started_at = time.monotonic()
+
+    def start(n: int) -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker, args=(config, host, port), name=f"gateway-worker-{n}")
+        process.start()
+        return process
+
+    workers = {n: start(n) for n in range(count)}
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers.values():
+            if process.exitcode is None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while workers:
+        for n, process in list(workers.items()):
+            process.join(timeout=0.2)
+            if process.exitcode is None:
+                continue
+            del workers[n]
+            if stopping:
+                continue
+            if time.monotonic() - started_at < 5:
+                stop(signal.SIGTERM, None)
+                for other in workers.values():
+                    other.join(timeout=15)
+                raise UserError(f"a worker could not start (exit code {process.exitcode}); "
+                                f"is {host}:{port} free?")
+            log.warning("worker_exited", extra={"fields": {"worker": n, "code": process.exitcode}})
+            workers[n] = start(n)

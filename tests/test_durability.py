@@ -6,15 +6,13 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from processes import free_port, start_gateway, stop, until_healthy
 
 from gateway.credentials import hash_password
 from gateway.store import User, open_store
@@ -33,31 +31,6 @@ routes: [{{path: /**, access: authenticated}}]
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-async def _until_healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        try:
-            async with http.get(f"{url}/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        assert time.monotonic() < deadline, "the gateway did not come up within 15 s"
-        await asyncio.sleep(0.05)
-
-
 async def _refresh(http: aiohttp.ClientSession, url: str, token: str) -> tuple[int, str | None]:
     async with http.post(f"{url}/auth/refresh", headers={"Cookie": f"gw_refresh={token}"}) as resp:
         await resp.read()
@@ -66,7 +39,7 @@ async def _refresh(http: aiohttp.ClientSession, url: str, token: str) -> tuple[i
 
 @pytest.mark.slow
 async def test_sigkill_under_refresh_load_keeps_every_answered_rotation(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "gateway.yaml"
     config.write_text(CONFIG.format(port=port, secret=secrets.token_urlsafe(48)))
@@ -74,10 +47,10 @@ async def test_sigkill_under_refresh_load_keeps_every_answered_rotation(tmp_path
     await store.add_user(User("alice", hash_password("alice-password-1"), ("user",)))
     await store.close()
 
-    proc = _start(config)
+    proc = start_gateway(config)
     http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     try:
-        await _until_healthy(http, url, proc)
+        await until_healthy(http, url, proc)
         tokens = []
         for _ in range(LOOPS):
             async with http.post(f"{url}/auth/login", json={"username": "alice", "password": "alice-password-1"}) as resp:
@@ -109,8 +82,8 @@ async def test_sigkill_under_refresh_load_keeps_every_answered_rotation(tmp_path
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         db.close()
 
-        proc = _start(config)  # the same file, well within reuse_grace (10 s)
-        await _until_healthy(http, url, proc)
+        proc = start_gateway(config)  # the same file, well within reuse_grace (10 s)
+        await until_healthy(http, url, proc)
         for i in range(LOOPS):
             status, successor = await _refresh(http, url, tokens[i])
             assert status == 200, f"loop {i}: its last answered token was lost"
@@ -121,6 +94,4 @@ async def test_sigkill_under_refresh_load_keeps_every_answered_rotation(tmp_path
         assert len(sessions) == LOOPS and all(s.revoked_at is None for s in sessions)
     finally:
         await http.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=15)
+        stop(proc)

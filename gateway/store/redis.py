@@ -23,6 +23,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
@@ -42,14 +43,19 @@ class RedisStore:
 
     @classmethod
     async def open(cls, url: str) -> RedisStore:
+        """``redis://[:password@]host:port/db``, ``rediss://`` for TLS or ``unix:///path``;
+        ``?key_prefix=NAME:`` puts this gateway's keys under another prefix (several
+        deployments in one database)."""
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefix = next((v for k, v in query if k == "key_prefix"), "gw:")
+        rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
         try:
-            client = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
-                                       health_check_interval=10)
-        except ValueError as exc:
+            client = aioredis.from_url(urlunsplit(parts._replace(query=rest)), socket_timeout=2,
+                                       socket_connect_timeout=2, health_check_interval=10)
+        except (ValueError, TypeError) as exc:
             raise UserError(f"cannot use the store URL: {exc}") from None
-        store = cls(client)
-        await store.ping()
-        return store
+        return cls(client, prefix=prefix)  # connects on first use: a gateway may start before Redis
 
     async def close(self) -> None:
         await self._r.aclose()
