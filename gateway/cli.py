@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sessions_sub.add_parser("list", parents=[with_store], help="list live sessions")
     s.add_argument("--user")
     s.set_defaults(func=_sessions_list)
+    p = sub.add_parser("store", help="the store itself")
+    store_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    m = store_sub.add_parser("migrate", help="copy users and live sessions into an empty store")
+    m.add_argument("--from", dest="source", required=True, metavar="URL")
+    m.add_argument("--to", dest="target", required=True, metavar="URL")
+    m.set_defaults(func=_store_migrate)
+
     s = sessions_sub.add_parser("revoke", parents=[with_store], help="end sessions")
     group = s.add_mutually_exclusive_group(required=True)
     group.add_argument("--user")
@@ -195,6 +202,25 @@ def _sessions_revoke(args: argparse.Namespace) -> int:
     if args.session and not ended:
         raise UserError(f"no live session with id {args.session!r}")
     print(f"ended {ended} session(s)")
+    return 0
+
+
+def _store_migrate(args: argparse.Namespace) -> int:
+    async def go() -> tuple[int, int]:
+        source = await open_store(args.source)
+        try:
+            target = await open_store(args.target)
+            try:
+                snapshot = await source.export_state(time.time())
+                await target.import_state(snapshot)
+                return len(snapshot.users), len(snapshot.sessions)
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+
+    users_moved, sessions_moved = asyncio.run(go())
+    print(f"copied {users_moved} user(s) and {sessions_moved} live session(s) to {args.target.split('?')[0]}")
     return 0
 
 

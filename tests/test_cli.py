@@ -580,3 +580,25 @@ def test_demo_works_and_cleans_up(env: dict[str, str], tmp_path: Path) -> None:
     while (line := lines.get(timeout=5)) is not None:
         rest.append(line)
     assert f"gateway demo stopped; deleted {demo_dir}\n" in rest
+
+
+def test_store_migrate_moves_users_to_redis(tmp_path: Path, env: dict[str, str], redis_url: str) -> None:
+    import redis  # noqa: PLC0415
+
+    prefix = f"gwtest:{secrets.token_hex(6)}:"
+    target = f"{redis_url}?key_prefix={prefix}"
+    source = f"sqlite:{tmp_path / 'from.db'}"
+    try:
+        assert gateway("users", "add", "dora", "--role", "ops", "--password-stdin", "--store", source,
+                       env=env, stdin="dora-password-1\n").code == 0
+        moved = gateway("store", "migrate", "--from", source, "--to", target, env=env)
+        assert moved.code == 0, moved
+        assert moved.out == f"copied 1 user(s) and 0 live session(s) to {redis_url}\n"
+        listed = gateway("users", "list", "--store", target, env=env)
+        assert "dora  ops" in listed.out
+        fails_with(gateway("store", "migrate", "--from", source, "--to", target, env=env), "already has users")
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)

@@ -212,3 +212,29 @@ async def test_purge_deletes_what_ended_before_the_horizon(store: Store) -> None
 ])
 def test_store_urls(url: str, resolved: str | None) -> None:
     assert resolve_url(url, Path("/base")) == resolved
+
+
+@pytest.mark.parametrize("direction", ["sqlite->redis", "redis->sqlite"])
+async def test_moving_stores_keeps_users_and_live_sessions(
+    direction: str, tmp_path: Path, redis_url: str
+) -> None:
+    sqlite = await open_store(f"sqlite:{tmp_path / 'moved.db'}")
+    async with redis_store(redis_url) as redis:
+        source, target = (sqlite, redis) if direction == "sqlite->redis" else (redis, sqlite)
+        await source.add_user(User("alice", "hash-a", ("user",), created_at=T0))
+        await source.add_user(User("bob", "hash-b", ("admin",), True, T0))
+        await source.create_session(session("live"), hash_token("l0"))
+        await source.rotate_refresh(hash_token("l0"), then(hash_token("l1")), T0 + 1, RULES)
+        await source.create_session(session("ended", user="bob"), hash_token("e0"))
+        await source.revoke_session("ended", T0 + 2, "logout")
+        snapshot = await source.export_state(T0 + 3)
+        assert [s.id for s, _ in snapshot.sessions] == ["live"]
+        await target.import_state(snapshot)
+        assert await target.list_users() == await source.list_users()
+        assert await target.get_session("ended") is None
+        # the live chain goes on in the new store: the old token is a replay, the new one rotates
+        assert (await target.rotate_refresh(hash_token("l1"), then(hash_token("l2")), T0 + 4, RULES)).outcome == "rotated"
+        assert (await target.rotate_refresh(hash_token("l0"), then(hash_token("l1")), T0 + 60, RULES)).outcome == "reused"
+        with pytest.raises(UserError, match="already has users"):
+            await target.import_state(snapshot)
+    await sqlite.close()

@@ -58,6 +58,24 @@ class Revocation:
 
 
 @dataclass(frozen=True)
+class Link:
+    """One refresh token of a chain, as stored (for moving stores)."""
+
+    hash: bytes
+    generation: int
+    used_at: float | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything worth moving to another store: users, and sessions still alive with
+    their chains (so that moving does not sign anyone out)."""
+
+    users: list[User]
+    sessions: list[tuple[Session, list[Link]]]
+
+
+@dataclass(frozen=True)
 class Rotation:
     outcome: Outcome
     session: Session | None = None
@@ -146,6 +164,12 @@ class Store(Protocol):
     async def purge(self, now: float, rules: RefreshRules, horizon: float) -> int:
         """Delete sessions (and their tokens) that ended more than ``horizon`` ago, and
         revocations older than that; how many sessions went. Never blocks the store for long."""
+
+    async def export_state(self, now: float) -> Snapshot:
+        """Every user, and every session neither revoked nor past its absolute end."""
+
+    async def import_state(self, snapshot: Snapshot) -> None:
+        """Write a snapshot into this store, which must hold no users yet."""
 
 
 STORE_URL_FORMS = "sqlite:///ABSOLUTE/PATH.db, sqlite:RELATIVE/PATH.db or redis://HOST:PORT/DB"

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
 from ..errors import StoreUnavailable, UserError
-from . import RefreshRules, Revocation, Rotation, Session, User, judge_refresh
+from . import Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
 
 T = TypeVar("T")
 MARGIN = 86400  # keys outlive their session by a day, longer than any access token
@@ -326,6 +326,48 @@ class RedisStore:
             await self._r.xtrim(self._stream, minid=f"{int((seconds + micros / 1e6 - horizon) * 1000)}-0")
             return removed
         return await self._guard(work)
+
+    async def export_state(self, now: float) -> Snapshot:
+        async def work() -> Snapshot:
+            users = await self.list_users()
+            chains = []
+            for session in await self.list_sessions():
+                if session.revoked_at is not None or session.expires_at <= now:
+                    continue
+                links = []
+                for key in await self._r.smembers(self._tokens_of(session.id)):
+                    token = await self._r.hgetall(key)
+                    if token:
+                        links.append(Link(bytes.fromhex(key.decode().rsplit(":", 1)[1]),
+                                          int(token[b"generation"]),
+                                          float(token[b"used_at"]) if token.get(b"used_at") else None))
+                chains.append((session, sorted(links, key=lambda link: link.generation)))
+            return Snapshot(users, chains)
+        return await self._guard(work)
+
+    async def import_state(self, snapshot: Snapshot) -> None:
+        async def work() -> None:
+            if await self._r.scard(f"{self._p}users"):
+                raise UserError("the target store already has users; move into an empty store")
+            for user in snapshot.users:
+                await self.add_user(user)
+            for session, links in snapshot.sessions:
+                until = int(session.expires_at) + MARGIN
+                async with self._r.pipeline(transaction=True) as pipe:
+                    pipe.hset(self._session_key(session.id), mapping=_session_fields(session))
+                    pipe.sadd(self._sessions_of(session.user), session.id)
+                    for link in links:
+                        key = self._token_key(link.hash)
+                        fields: dict[str, Any] = {"sid": session.id, "generation": link.generation}
+                        if link.used_at is not None:
+                            fields["used_at"] = repr(link.used_at)
+                        pipe.hset(key, mapping=fields)
+                        pipe.expireat(key, until)
+                        pipe.sadd(self._tokens_of(session.id), key)
+                    for key in (self._session_key(session.id), self._tokens_of(session.id)):
+                        pipe.expireat(key, until)
+                    await pipe.execute()
+        await self._guard(work)
 
 
 def _stream_id(seq: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from ..errors import StoreUnavailable, UserError
-from . import RefreshRules, Revocation, Rotation, Session, User, judge_refresh
+from . import Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
 
 # Each entry moves the schema up one version (PRAGMA user_version). Never edit a released
 # entry; append a new one.
@@ -335,6 +335,37 @@ class SQLiteStore:
             if batch < PURGE_BATCH:
                 return removed
             await asyncio.sleep(0)
+
+    async def export_state(self, now: float) -> Snapshot:
+        async with self._read():
+            users = [_user(row) for row in await self._all(
+                "SELECT name, password_hash, roles, disabled, created_at FROM users ORDER BY name")]
+            sessions = [_session(row) for row in await self._all(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE revoked_at IS NULL AND expires_at > ?", (now,))]
+            chains = []
+            for session in sessions:
+                links = [Link(*row) for row in await self._all(
+                    "SELECT hash, generation, used_at FROM refresh_tokens WHERE session_id = ? "
+                    "ORDER BY generation", (session.id,))]
+                chains.append((session, links))
+        return Snapshot(users, chains)
+
+    async def import_state(self, snapshot: Snapshot) -> None:
+        async with self._write() as db:
+            if (await self._one("SELECT count(*) FROM users"))[0]:
+                raise UserError("the target store already has users; move into an empty store")
+            for user in snapshot.users:
+                await db.execute(
+                    "INSERT INTO users (name, password_hash, roles, disabled, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (user.name, user.password_hash, json.dumps(list(user.roles)), int(user.disabled),
+                     user.created_at))
+            for session, links in snapshot.sessions:
+                await db.execute(
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _session_row(session))
+                for link in links:
+                    await db.execute("INSERT INTO refresh_tokens (hash, session_id, generation, used_at) "
+                                     "VALUES (?, ?, ?, ?)", (link.hash, session.id, link.generation, link.used_at))
 
 
 def _user(row: Sequence[Any]) -> User:
