@@ -106,24 +106,31 @@ def _reload_from_here(target: Target) -> web.Response:
 def same_origin(gw: Gateway, request: web.BaseRequest, also: frozenset[str] = frozenset()) -> bool:
     """Whether a browser sent this from the gateway's own origin (or one of ``also``).
 
-    Browsers say where a request comes from in ``Sec-Fetch-Site`` and ``Origin`` (and, for
-    some older ones, only ``Referer``); a request with none of them is not from a browser
-    page, so it carries no ambient credentials worth forging."""
-    site = request.headers.get("Sec-Fetch-Site")
+    ``Sec-Fetch-Site`` is set by the browser itself and no page can forge it, so when it
+    says ``same-origin`` that settles it (even with ``Origin: null``, which Chromium sends
+    for a form posted from a page with ``Referrer-Policy: no-referrer``). Otherwise the
+    origin comes from ``Origin``, or from ``Referer`` for older browsers. A request with
+    none of these headers is not from a browser page, so it carries no ambient credentials
+    worth forging."""
+    site = request.headers.get("Sec-Fetch-Site", "").lower() or None
+    if site in ("same-origin", "none"):
+        return True
     origin = request.headers.get("Origin")
     if origin is None:
         referer = request.headers.get("Referer")
         if referer:
             parts = urlsplit(referer)
             origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "null"
-    if origin is not None:
-        if origin in also:
-            return True
-        if gw.config.public_url is not None:
-            return origin == gw.config.public_url
-        parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and parts.netloc == request.host
-    return site is None or site.lower() in ("same-origin", "none")
+    if origin is None:
+        return site is None
+    if origin in also:
+        return True
+    if site is not None:
+        return False  # the browser says another site sent it
+    if gw.config.public_url is not None:
+        return origin == gw.config.public_url
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc == request.host
 
 
 def refuse_cross_site(gw: Gateway, request: web.BaseRequest, also: frozenset[str] = frozenset()) -> None:

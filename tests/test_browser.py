@@ -175,6 +175,18 @@ async def test_auth_endpoints_refuse_other_sites(gw: Gateway, headers: dict[str,
         assert resp.status == 200  # our own page
 
 
+async def test_a_browser_saying_same_origin_is_believed_over_a_null_origin(gw: Gateway) -> None:
+    # Chromium posts a form from a page with Referrer-Policy: no-referrer with Origin: null;
+    # Sec-Fetch-Site, which no page can forge, still says same-origin.
+    login = await gw.login("alice")
+    async with gw.http.post(f"{gw.url}/auth/refresh", headers={
+            "Origin": "null", "Sec-Fetch-Site": "same-origin", "Cookie": f"gw_refresh={login['refresh_token']}"}) as resp:
+        assert resp.status == 200
+    async with gw.http.post(f"{gw.url}/auth/refresh", headers={
+            "Origin": "http://gateway.test", "Sec-Fetch-Site": "cross-site"}) as resp:
+        assert resp.status == 403  # and a browser saying cross-site is believed too
+
+
 async def test_the_optional_csrf_guard_for_an_upstream(gateway_factory: GatewayFactory, upstream: Upstream) -> None:
     def guard(raw: dict[str, Any]) -> None:
         raw["routes"].insert(0, {"path": "/forms/**", "access": "authenticated", "csrf": True})

@@ -59,15 +59,6 @@ pytestmark = [
 
 expect.set_options(timeout=TIMEOUT_MS)
 
-# A gateway bug found by these tests (left for the gateway's owners to fix):
-FORM_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "gateway bug: the sign-in page is served with `Referrer-Policy: no-referrer`, so Chromium "
-    "sends its form's POST /auth/login with `Origin: null` (the Fetch standard serializes a "
-    "non-GET request's Origin as null under that policy; Sec-Fetch-Site says same-origin). "
-    "browser.same_origin() decides on Origin before Sec-Fetch-Site and answers 403 csrf, so the "
-    "sign-in form (and its 'not keeping cookies' page) never works in a real browser."))
-
-
 # --- the upstream, the gateway, the browser -------------------------------------------------
 
 
@@ -143,7 +134,7 @@ async def submit_sign_in(page: Page, gw: Gateway, path: str) -> None:
 async def sign_in_from_a_script(page: Page, gw: Gateway, user: str = "alice") -> None:
     """Sign in the way the single-page app does: a JSON POST to /auth/login from a page of
     the gateway's own origin; the answer sets the same two cookies as the form's. The flows
-    that are not about the form start this way (the form is broken in Chromium: FORM_BUG)."""
+    that are not about the form start this way."""
     await page.goto(f"{gw.url}/static/hello.txt")
     status = await page.evaluate("""async ([username, password]) => {
         const r = await fetch("/auth/login", {method: "POST", headers: {"Content-Type": "application/json"},
@@ -172,7 +163,6 @@ async def screenshot(page: Page, name: str) -> None:
 # --- the legacy app behind the gateway ------------------------------------------------------
 
 
-@FORM_BUG
 async def test_sign_in_with_the_form(gw: Gateway, context: BrowserContext) -> None:
     page = await context.new_page()
     response = await page.goto(f"{gw.url}/")
@@ -339,7 +329,6 @@ async def test_sign_out_ends_the_session(gw: Gateway, context: BrowserContext) -
     assert "gw_refresh" not in await cookie_jar(context)  # the gateway cleared it
 
 
-@FORM_BUG
 async def test_the_next_parameter_cannot_send_the_browser_elsewhere(gw: Gateway, context: BrowserContext) -> None:
     elsewhere: list[str] = []
     context.on("request", lambda request: elsewhere.append(request.url)
@@ -355,7 +344,6 @@ async def test_the_next_parameter_cannot_send_the_browser_elsewhere(gw: Gateway,
     assert elsewhere == []
 
 
-@FORM_BUG
 async def test_a_browser_refusing_cookies_is_told_so(gw: Gateway, playwright: Playwright, tmp_path: Path) -> None:
     # Chromium's own setting "Don't allow sites to save data" (content setting cookies: block),
     # in the profile it starts with.

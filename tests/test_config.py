@@ -580,12 +580,17 @@ def test_absolute_sqlite_store_is_kept(tmp_path: Path) -> None:
     assert cfg.store == "sqlite:///var/lib/gateway/gw.db"
 
 
-@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "postgres://db/gw", "sqlite://host/gw.db",
-                                 "sqlite:", "gateway.db"])
+@pytest.mark.parametrize("url", ["postgres://db/gw", "sqlite://host/gw.db", "sqlite:", "gateway.db", "redis://"])
 def test_unsupported_store_is_a_problem(tmp_path: Path, url: str) -> None:
     text = vary("sqlite:gateway.db", f'"{url}"')
     found = only(problems(tmp_path, text), "store", line_of(text, "store:"))
-    assert "expected sqlite:///ABSOLUTE/PATH.db or sqlite:RELATIVE/PATH.db" in found
+    assert "expected sqlite:///ABSOLUTE/PATH.db, sqlite:RELATIVE/PATH.db or redis://HOST:PORT/DB" in found
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://:pw@cache:6380/2?key_prefix=app1:",
+                                 "unix:///run/redis.sock"])
+def test_redis_store_urls_are_taken_as_they_are(tmp_path: Path, url: str) -> None:
+    assert load(tmp_path, vary("sqlite:gateway.db", f'"{url}"')).store == url
 
 
 # --- names that must be exactly right -------------------------------------------------------
