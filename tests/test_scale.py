@@ -222,3 +222,30 @@ async def test_redis_going_away_and_coming_back(tmp_path: Path, upstream_url: st
             assert stop(proc) == 0
         redis.terminate()
         redis.wait(timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_a_store_behind_redis_sentinel(tmp_path: Path) -> None:
+    redis_port, sentinel_port = free_port(), free_port()
+    (tmp_path / "redis").mkdir()
+    redis = _redis_server(redis_port, tmp_path / "redis")
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor gwmaster 127.0.0.1 {redis_port} 1\n")
+    sentinel = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await _until_redis(redis_port)
+        await _until_redis(sentinel_port)
+        store = await open_store(f"redis+sentinel://127.0.0.1:{sentinel_port}/gwmaster/3")
+        try:
+            await add_test_users(store)
+            assert [u.name for u in await store.list_users()] == sorted(PASSWORDS)
+        finally:
+            await store.close()
+        import redis as redis_client  # noqa: PLC0415
+
+        assert redis_client.Redis(port=redis_port, db=3).scard("gw:users") == len(PASSWORDS)  # on the master
+    finally:
+        for proc in (sentinel, redis):
+            proc.terminate()
+            proc.wait(timeout=10)

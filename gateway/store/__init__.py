@@ -173,7 +173,7 @@ class Store(Protocol):
 
 
 STORE_URL_FORMS = "sqlite:///ABSOLUTE/PATH.db, sqlite:RELATIVE/PATH.db or redis://HOST:PORT/DB"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
 def resolve_url(url: str, base_dir: Path) -> str | None:

@@ -14,7 +14,9 @@ change to either key (another replica rotating or revoking) makes the transactio
 with what that replica wrote. Sessions and tokens expire by key TTL a day after the session
 can no longer be used, so nothing piles up.
 
-Redis Cluster is not supported: a rotation touches keys that would live in different slots.
+URLs: ``redis://``, ``rediss://`` (TLS), ``unix://`` and ``redis+sentinel://`` (see
+``_sentinel_master``). Redis Cluster is not supported: a rotation is one transaction over
+keys that Cluster would place in different slots.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError, WatchError
 
 from ..errors import StoreUnavailable, UserError
@@ -50,9 +53,13 @@ class RedisStore:
         query = parse_qsl(parts.query, keep_blank_values=True)
         prefix = next((v for k, v in query if k == "key_prefix"), "gw:")
         rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
+        options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
         try:
-            client = aioredis.from_url(urlunsplit(parts._replace(query=rest)), socket_timeout=2,
-                                       socket_connect_timeout=2, health_check_interval=10)
+            if parts.scheme == "redis+sentinel":
+                client = _sentinel_master(parts, options)
+            else:
+                client = aioredis.from_url(urlunsplit(parts._replace(query=rest)),
+                                           health_check_interval=10, **options)
         except (ValueError, TypeError) as exc:
             raise UserError(f"cannot use the store URL: {exc}") from None
         return cls(client, prefix=prefix)  # connects on first use: a gateway may start before Redis
@@ -368,6 +375,23 @@ class RedisStore:
                         pipe.expireat(key, until)
                     await pipe.execute()
         await self._guard(work)
+
+
+def _sentinel_master(parts: SplitResult, options: dict[str, Any]) -> aioredis.Redis:
+    """``redis+sentinel://[:password@]host:port[,host:port...]/SERVICE[/DB]``: the master
+    that the Sentinels name, followed through fail-overs."""
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    password = parts.netloc.rsplit("@", 1)[0].lstrip(":") if "@" in parts.netloc else None
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        sentinels.append((name or port, int(port) if name else 26379))
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service:
+        raise ValueError("a Sentinel URL names its service: redis+sentinel://host:26379/SERVICE/DB")
+    sentinel = Sentinel(sentinels, **options)  # type: ignore[no-untyped-call]
+    master: aioredis.Redis = sentinel.master_for(service, db=int(db or 0), password=password, **options)
+    return master
 
 
 def _stream_id(seq: int) -> str:
