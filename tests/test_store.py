@@ -238,3 +238,37 @@ async def test_moving_stores_keeps_users_and_live_sessions(
         with pytest.raises(UserError, match="already has users"):
             await target.import_state(snapshot)
     await sqlite.close()
+
+
+async def test_failed_login_counters_keep_a_window(store: Store) -> None:
+    window = 900.0
+    assert await store.failures("user:alice", T0) == 0
+    assert [await store.count_failure("user:alice", T0 + i, window) for i in range(3)] == [1, 2, 3]
+    assert await store.count_failure("ip:10.0.0.1", T0, window) == 1  # keys are counted apart
+    assert await store.failures("user:alice", T0 + window - 1) == 3
+    assert await store.failures("user:alice", T0 + window) == 0  # the window has passed...
+    assert await store.count_failure("user:alice", T0 + window, window) == 1  # ...and a new one opens
+    await store.clear_failures("user:alice")
+    assert await store.failures("user:alice", T0 + window) == 0
+    counts = await asyncio.gather(*(store.count_failure("ip:10.0.0.2", T0, window) for _ in range(20)))
+    assert sorted(counts) == list(range(1, 21))  # concurrent failures are all counted
+
+
+async def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
+    from gateway.store.sqlite import MIGRATIONS  # noqa: PLC0415
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("INSERT INTO users (name, password_hash, created_at) VALUES ('old', 'h', 1)")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = await open_store(f"sqlite:{path}")
+    try:
+        assert (await store.get_user("old")) is not None  # the data stays
+        assert await store.count_failure("user:old", T0, 60) == 1  # and the new table is there
+    finally:
+        await store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

@@ -165,6 +165,15 @@ class Store(Protocol):
         """Delete sessions (and their tokens) that ended more than ``horizon`` ago, and
         revocations older than that; how many sessions went. Never blocks the store for long."""
 
+    # failed-login counters (throttling): one fixed window per key, started by its first failure
+    async def count_failure(self, key: str, now: float, window: float) -> int:
+        """Count one more failure for ``key``; how many there are in its current window."""
+
+    async def failures(self, key: str, now: float) -> int:
+        """How many failures ``key`` has in its current window (0 once it has passed)."""
+
+    async def clear_failures(self, key: str) -> None: ...
+
     async def export_state(self, now: float) -> Snapshot:
         """Every user, and every session neither revoked nor past its absolute end."""
 

@@ -334,6 +334,37 @@ class RedisStore:
             return removed
         return await self._guard(work)
 
+    async def count_failure(self, key: str, now: float, window: float) -> int:
+        async def work() -> int:
+            fkey = self._failures_key(key)
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_RETRIES):
+                    try:
+                        await pipe.watch(fkey)
+                        current = await pipe.hgetall(fkey)
+                        ends = float(current[b"ends"]) if current else 0.0
+                        count = int(current[b"count"]) + 1 if ends > now else 1
+                        ends = ends if count > 1 else now + window
+                        pipe.multi()
+                        pipe.hset(fkey, mapping={"count": count, "ends": repr(ends)})
+                        pipe.expireat(fkey, int(ends) + 1)
+                        await pipe.execute()
+                        return count
+                    except WatchError:
+                        continue
+            raise StoreUnavailable().because("redis: failure count kept losing races")
+        return await self._guard(work)
+
+    async def failures(self, key: str, now: float) -> int:
+        current = await self._guard(lambda: self._r.hgetall(self._failures_key(key)))
+        return int(current[b"count"]) if current and float(current[b"ends"]) > now else 0
+
+    async def clear_failures(self, key: str) -> None:
+        await self._guard(lambda: self._r.delete(self._failures_key(key)))
+
+    def _failures_key(self, key: str) -> str:
+        return f"{self._p}f:{key}"
+
     async def export_state(self, now: float) -> Snapshot:
         async def work() -> Snapshot:
             users = await self.list_users()

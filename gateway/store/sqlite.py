@@ -85,6 +85,14 @@ MIGRATIONS: list[list[str]] = [
              INSERT INTO revocations (session_id, revoked_at) VALUES (NEW.id, NEW.revoked_at);
            END""",
     ],
+    [
+        """CREATE TABLE login_failures (
+            key TEXT PRIMARY KEY,
+            count INTEGER NOT NULL,
+            window_ends REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX login_failures_by_end ON login_failures (window_ends)",
+    ],
 ]
 PURGE_BATCH = 500
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -331,10 +339,31 @@ class SQLiteStore:
                 batch = cursor.rowcount
                 if batch < PURGE_BATCH:
                     await db.execute("DELETE FROM revocations WHERE revoked_at < ?", (ended_before,))
+                    await db.execute("DELETE FROM login_failures WHERE window_ends < ?", (now,))
             removed += batch
             if batch < PURGE_BATCH:
                 return removed
             await asyncio.sleep(0)
+
+    async def count_failure(self, key: str, now: float, window: float) -> int:
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO login_failures (key, count, window_ends) VALUES (?, 1, ?) "
+                "ON CONFLICT (key) DO UPDATE SET "
+                "count = CASE WHEN window_ends > ? THEN count + 1 ELSE 1 END, "
+                "window_ends = CASE WHEN window_ends > ? THEN window_ends ELSE ? END",
+                (key, now + window, now, now, now + window))
+            return int((await self._one("SELECT count FROM login_failures WHERE key = ?", (key,)))[0])
+
+    async def failures(self, key: str, now: float) -> int:
+        async with self._read():
+            row = await self._one("SELECT count FROM login_failures WHERE key = ? AND window_ends > ?",
+                                  (key, now))
+        return int(row[0]) if row else 0
+
+    async def clear_failures(self, key: str) -> None:
+        async with self._write() as db:
+            await db.execute("DELETE FROM login_failures WHERE key = ?", (key,))
 
     async def export_state(self, now: float) -> Snapshot:
         async with self._read():
