@@ -61,6 +61,7 @@ class Route:
     strip_prefix: str = ""
     cors: Cors | None = None  # answer preflights and allow these other origins
     csrf: bool = False  # refuse cross-site state-changing requests to this route
+    forward_token: bool = False  # send the verified access token upstream as a Bearer token
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,48 @@ class Cors:
     credentials: bool = False
     max_age: int = 600
     expose: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpstreamCheck:
+    """``users.source: upstream``: credentials are valid when the legacy app's login endpoint
+    answers 2xx to them; the user's roles and claims come from its JSON answer."""
+
+    url: str
+    timeout: float = 5.0
+    body: Literal["json", "form"] = "json"
+    username_field: str = "username"
+    password_field: str = "password"
+    roles_field: str = ""  # a dotted path into the JSON answer, e.g. user.roles; "" for none
+    claims: tuple[tuple[str, str], ...] = ()  # claim name -> dotted path into the answer
+
+
+@dataclass(frozen=True)
+class Users:
+    source: Literal["store", "htpasswd", "upstream"] = "store"
+    htpasswd: str = ""  # the file, for source htpasswd
+    upstream: UpstreamCheck | None = None  # for source upstream
+    default_roles: tuple[str, ...] = ()  # roles of users from htpasswd, and of new registrations
+
+
+@dataclass(frozen=True)
+class Registration:
+    enabled: bool = False
+    min_password_length: int = 12
+    username_pattern: str = r"[a-z0-9][a-z0-9._-]{2,31}"
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Failed logins per user name and per client address, in a window; over the limit, a
+    login waits (``Retry-After``) for a delay that doubles with each further failure, up to
+    ``max_delay``. Backing off rather than locking out means nobody can lock a user out for
+    good."""
+
+    window: float = 15 * 60
+    per_user: int = 5
+    per_ip: int = 20
+    max_delay: float = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -103,9 +146,19 @@ class Upstream:
 
 @dataclass(frozen=True)
 class SigningKey:
+    """One key of ``tokens.keys``, pinned to its algorithm. HS256 keys carry a ``secret``;
+    EdDSA, ES256 and RS256 keys a ``public_key`` and, if they may sign, a ``private_key``
+    (cryptography key objects, loaded and checked when the config loads)."""
+
     kid: str
     algorithm: str
-    secret: bytes = field(repr=False)
+    secret: bytes = field(default=b"", repr=False)
+    private_key: Any = field(default=None, repr=False)
+    public_key: Any = field(default=None, repr=False)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.algorithm.startswith("HS")
 
 
 @dataclass(frozen=True)
@@ -161,6 +214,9 @@ class Config:
     login_page: LoginPage = LoginPage()
     auth_cors: Cors | None = None  # other origins that may use /auth/* (an SPA elsewhere)
     workers: int = 1  # processes serving the one port
+    users: Users = Users()
+    registration: Registration = Registration()
+    throttle: Throttle = Throttle()
     source: str = "<memory>"
 
 
@@ -177,6 +233,7 @@ _COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 _ROLE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()+,=:@%-]+$")
 _HMAC_MIN_BYTES = {"HS256": 32}
+ALGORITHMS = ("HS256", "EdDSA", "ES256", "RS256")
 # Values that appear in examples and tutorials. A token signed with one of them can be
 # forged by anyone who has read the same page.
 _PLACEHOLDER_SECRETS = {
@@ -187,7 +244,7 @@ _PLACEHOLDER_SECRETS = {
 _TOP_KEYS = {
     "listen", "public_url", "trusted_proxies", "store", "auth_prefix", "upstreams", "tokens",
     "cookies", "users", "identity_headers", "routes", "limits", "websockets", "login_page",
-    "auth_cors", "workers",
+    "auth_cors", "workers", "registration", "throttle",
 }
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 _COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
@@ -512,8 +569,13 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
     upstreams = _upstreams(r, top)
     tokens = _tokens(r, top)
     cookies = _cookies(r, top, auth_prefix, public_url)
-    users = r.section(top.raw("users"), "users", {"source"})
-    users.text("source", "store", choices=("store",))
+    users = _users(r, top)
+    registration = _registration(r, top)
+    throttle_s = r.section(top.raw("throttle"), "throttle", {"window", "per_user", "per_ip", "max_delay"})
+    throttle = Throttle(window=throttle_s.duration("window", Throttle.window, lo=1, hi=86400),
+                        per_user=throttle_s.integer("per_user", Throttle.per_user, lo=1, hi=1000),
+                        per_ip=throttle_s.integer("per_ip", Throttle.per_ip, lo=1, hi=100000),
+                        max_delay=throttle_s.duration("max_delay", Throttle.max_delay, lo=1, hi=86400))
     identity_headers = _identity_headers(top)
     routes = _routes(r, top, upstreams)
     limits_s = r.section(top.raw("limits"), "limits", {"request_body", "auth_body"})
@@ -540,6 +602,9 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
         login_page=login_page,
         auth_cors=auth_cors,
         workers=top.integer("workers", 1, lo=1, hi=64),
+        users=users,
+        registration=registration,
+        throttle=throttle,
         source=source,
     )
 
@@ -615,14 +680,24 @@ def _tokens(r: _Reader, top: _Section) -> Tokens:
     keys: list[SigningKey] = []
     for i, item in enumerate(s.sequence("keys")):
         path = f"tokens.keys[{i}]"
-        k = r.section(item, path, {"kid", "algorithm", "secret", "secret_file"})
+        k = r.section(item, path, {"kid", "algorithm", "secret", "secret_file", "key_file"})
         kid = k.text("kid", required=True, pattern=_KID)
-        algorithm = k.text("algorithm", "HS256", choices=tuple(_HMAC_MIN_BYTES)).upper()
-        secret = k.secret("secret")
-        _check_secret(r, k.at("secret"), secret, algorithm)
-        if kid and any(key.kid == kid for key in keys):
+        algorithm = k.text("algorithm", "HS256", choices=ALGORITHMS)
+        algorithm = next(a for a in ALGORITHMS if a.lower() == algorithm.lower()) if algorithm else "HS256"
+        if algorithm in _HMAC_MIN_BYTES:
+            if k.has("key_file"):
+                r.problem(k.at("key_file"), f"{algorithm} takes a secret, not a key file")
+            secret = k.secret("secret")
+            _check_secret(r, k.at("secret"), secret, algorithm)
+            key = SigningKey(kid=kid, algorithm=algorithm, secret=secret)
+        else:
+            for wrong in ("secret", "secret_file"):
+                if k.has(wrong):
+                    r.problem(k.at(wrong), f"{algorithm} takes a key_file (PEM), not a secret")
+            key = _asymmetric_key(r, k, kid, algorithm, signs=not keys)
+        if kid and any(other.kid == kid for other in keys):
             r.problem(k.at("kid"), f"kid {kid!r} is used by an earlier key")
-        keys.append(SigningKey(kid=kid, algorithm=algorithm, secret=secret))
+        keys.append(key)
     if top.has("tokens") and not keys:
         r.problem("tokens.keys", "at least one key is required; the first one signs")
     access_ttl = s.duration("access_ttl", 15 * 60, lo=1, hi=86400)
@@ -642,6 +717,93 @@ def _tokens(r: _Reader, top: _Section) -> Tokens:
         reuse_grace=s.duration("reuse_grace", 10, lo=0, hi=300),
         leeway=s.duration("leeway", 5, lo=0, hi=60),
     )
+
+
+def _asymmetric_key(r: _Reader, k: _Section, kid: str, algorithm: str, *, signs: bool) -> SigningKey:
+    """A PEM key file: a private key (which may sign), or, for a key kept only to verify
+    tokens signed before a rotation, a public key. Its type must fit the algorithm."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: PLC0415
+
+    name = k.text("key_file", required=True)
+    if not name:
+        return SigningKey(kid=kid, algorithm=algorithm)
+    try:
+        data = (r.base_dir / name).read_bytes()
+    except OSError as exc:
+        r.problem(k.at("key_file"), f"cannot read {name}: {exc.strerror or exc}")
+        return SigningKey(kid=kid, algorithm=algorithm)
+    private: Any = None
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+        public: Any = private.public_key()
+    except (ValueError, TypeError):
+        try:
+            public = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError):
+            r.problem(k.at("key_file"), f"{name} is not an unencrypted PEM private or public key")
+            return SigningKey(kid=kid, algorithm=algorithm)
+    fits = {
+        "EdDSA": isinstance(public, ed25519.Ed25519PublicKey),
+        "ES256": isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1),
+        "RS256": isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048,
+    }[algorithm]
+    if not fits:
+        wanted = {"EdDSA": "an Ed25519 key", "ES256": "a P-256 EC key", "RS256": "an RSA key of 2048 bits or more"}
+        r.problem(k.at("key_file"), f"{name} is not {wanted[algorithm]} (generate one with: "
+                                    f"gateway keys generate --algorithm {algorithm})")
+    elif signs and private is None:
+        r.problem(k.at("key_file"), f"{name} is a public key, but the first key signs: it needs the private key")
+    return SigningKey(kid=kid, algorithm=algorithm, private_key=private, public_key=public)
+
+
+def _users(r: _Reader, top: _Section) -> Users:
+    s = r.section(top.raw("users"), "users", {"source", "file", "url", "timeout", "body", "username_field",
+                                              "password_field", "roles_field", "claims", "default_roles"})
+    source = s.text("source", "store", choices=("store", "htpasswd", "upstream")).lower()
+    roles = tuple(s.strings("default_roles", pattern=_ROLE))
+    if source == "htpasswd":
+        name = s.text("file", required=True)
+        path = str((r.base_dir / name).resolve()) if name else ""
+        if name and not Path(path).is_file():
+            r.problem(s.at("file"), f"no such file: {name}")
+        return Users(source="htpasswd", htpasswd=path, default_roles=roles)
+    if source == "upstream":
+        url = s.text("url", required=True)
+        parts = urlsplit(url)
+        if url and (parts.scheme not in {"http", "https"} or not parts.hostname):
+            r.problem(s.at("url"), "must be an http:// or https:// URL")
+        claims = []
+        for claim, where, cpath in s.mapping("claims"):
+            if not isinstance(where, str) or not where:
+                r.problem(cpath, "expected a dotted path into the answer, such as user.email")
+            else:
+                claims.append((claim, where))
+        check = UpstreamCheck(
+            url=url, timeout=s.duration("timeout", 5.0, lo=0.01, hi=60),
+            body=s.text("body", "json", choices=("json", "form")).lower(),  # type: ignore[arg-type]
+            username_field=s.text("username_field", "username"),
+            password_field=s.text("password_field", "password"),
+            roles_field=s.text("roles_field", ""), claims=tuple(claims))
+        return Users(source="upstream", upstream=check, default_roles=roles)
+    for key in ("file", "url", "timeout", "body", "username_field", "password_field", "roles_field", "claims"):
+        if s.has(key):
+            r.problem(s.at(key), f"is for users.source htpasswd or upstream, not {source}")
+    return Users(source="store", default_roles=roles)
+
+
+def _registration(r: _Reader, top: _Section) -> Registration:
+    s = r.section(top.raw("registration"), "registration", {"enabled", "min_password_length",
+                                                            "username_pattern"})
+    pattern = s.text("username_pattern", Registration.username_pattern)
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        r.problem(s.at("username_pattern"), f"is not a regular expression: {exc}")
+        pattern = Registration.username_pattern
+    return Registration(enabled=s.flag("enabled", False),
+                        min_password_length=s.integer("min_password_length", 12, lo=8, hi=128),
+                        username_pattern=pattern)
 
 
 def _check_secret(r: _Reader, path: str, secret: bytes, algorithm: str) -> None:
@@ -714,7 +876,8 @@ def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tup
     out = []
     for i, item in enumerate(items):
         path = f"routes[{i}]"
-        s = r.section(item, path, {"path", "methods", "access", "upstream", "strip_prefix", "cors", "csrf"})
+        s = r.section(item, path, {"path", "methods", "access", "upstream", "strip_prefix", "cors", "csrf",
+                                   "forward_token"})
         pattern = s.text("path", required=True)
         if pattern:
             error = check_pattern(pattern)
@@ -737,7 +900,8 @@ def _routes(r: _Reader, top: _Section, upstreams: Mapping[str, Upstream]) -> tup
             strip = ""
         cors = _cors(r, s.raw("cors"), s.at("cors"), methods) if s.has("cors") else None
         out.append(Route(index=i, path=pattern, methods=methods, access=access, upstream=upstream,
-                         strip_prefix=strip.rstrip("/"), cors=cors, csrf=s.flag("csrf", False)))
+                         strip_prefix=strip.rstrip("/"), cors=cors, csrf=s.flag("csrf", False),
+                         forward_token=s.flag("forward_token", False)))
     return tuple(out)
 
 
