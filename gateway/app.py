@@ -65,7 +65,7 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
         await gw.proxy.start()
         app[GATEWAY] = gw
         endpoints: dict[str, dict[str, Handler]] = {
-            **auth_api.endpoints(config.auth_prefix),
+            **auth_api.endpoints(config.auth_prefix, registration=config.registration.enabled),
             "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
         app[_ENDPOINTS] = endpoints
         background = [asyncio.create_task(gw.revocations.run()),

@@ -21,20 +21,24 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
-from . import browser, cookies, errors
+from . import browser, cookies, errors, users
 from .errors import (
     BadRequest,
+    Conflict,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
+    TooManyRequests,
     Unauthorized,
     UnsupportedMediaType,
+    UserError,
 )
 from .paths import safe_next
 from .pipeline import authenticate
 from .proxy import continue_if_expected, strip_hop_by_hop
 from .sessions import RefreshRefused
 from .state import GATEWAY, PATH, Gateway
+from .credentials import hash_password
 from .store import Session, User
 
 security = logging.getLogger("gateway.security")
@@ -44,8 +48,9 @@ _PAGE = Template(resources.files(__package__).joinpath("login.html").read_text(e
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def endpoints(prefix: str) -> dict[str, dict[str, Handler]]:
+def endpoints(prefix: str, *, registration: bool = False) -> dict[str, dict[str, Handler]]:
     return {
+        **({f"{prefix}/register": {"POST": register}} if registration else {}),
         f"{prefix}/login": {"GET": login_page, "POST": login},
         f"{prefix}/refresh": {"POST": refresh},
         f"{prefix}/logout": {"POST": logout},
@@ -89,14 +94,26 @@ async def login(request: web.Request) -> web.StreamResponse:
         cookies.set_probe(response, gw.config.cookies)
         return response
     try:
+        await gw.throttle.check(username, ip)
+    except TooManyRequests as exc:
+        security.warning("login_throttled", extra={"fields": {"user": username[:64], "ip": ip}})
+        if is_form:
+            response = _page(gw, safe_next(fields.get("next")), status=429,
+                             error="Too many failed attempts. Wait a moment and try again.")
+            response.headers.update(exc.headers)
+            return response
+        raise
+    try:
         user = await gw.credentials.check(username, password)
     except Unauthorized as exc:
+        await gw.throttle.failed(username, ip)
         security.info("login_failed", extra={"fields": {"user": username[:64], "ip": ip,
                                                         "reason": exc.reason}})
         if is_form:
             return _page(gw, safe_next(fields.get("next")), status=401,
                          error="The user name or password is incorrect.")
         raise
+    await gw.throttle.succeeded(username)
     await _end_presented_session(gw, inbound)
     session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
     security.info("login", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
@@ -105,6 +122,41 @@ async def login(request: web.Request) -> web.StreamResponse:
     else:
         response = web.Response()
     return _signed_in(gw, response, user, session, refresh_token)
+
+
+async def register(request: web.Request) -> web.StreamResponse:
+    """Self-registration (``registration.enabled``): a new user of the store, signed in at
+    once. Throttled like a login, and every attempt counts against its address."""
+    gw = request.app[GATEWAY]
+    _refuse_cross_site(gw, request)
+    fields, _ = await _read_fields(request)
+    username, password = fields.get("username"), fields.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or len(username) > 256 \
+            or len(password) > 1024:
+        raise BadRequest("invalid_request", "Send a username and a password as strings.")
+    ip = gw.proxy.client_ip(request)
+    await gw.throttle.check(username, ip)
+    await gw.throttle.attempted(ip)
+    try:
+        users.check_registration(gw.config.registration, username, password)
+    except UserError as exc:
+        raise BadRequest(str(exc), _REGISTRATION_PROBLEMS[str(exc)]) from None
+    password_hash = await asyncio.get_running_loop().run_in_executor(None, hash_password, password)
+    user = User(name=username, password_hash=password_hash, roles=gw.config.users.default_roles,
+                created_at=gw.clock())
+    try:
+        await gw.store.add_user(user)
+    except UserError:
+        raise Conflict("username_taken", "This user name is taken.") from None
+    session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
+    security.info("registered", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
+    return _signed_in(gw, web.Response(status=201), user, session, refresh_token)
+
+
+_REGISTRATION_PROBLEMS = {
+    "invalid_username": "Choose another user name: letters, digits, '.', '_' or '-'.",
+    "weak_password": "Choose a longer, less common password.",
+}
 
 
 async def refresh(request: web.Request) -> web.StreamResponse:
@@ -234,7 +286,7 @@ def _signed_in(gw: Gateway, response: web.Response, user: User, session: Session
     """Mint an access token for ``session`` and put it and the refresh token on
     ``response``: the access token in the body for API clients, both in cookies."""
     access_token, expires_in = gw.tokens.issue(user.name, user.roles, session.id)
-    if response.status == 200:
+    if response.status in (200, 201):
         response.text = json.dumps({"access_token": access_token, "token_type": "Bearer",
                                     "expires_in": expires_in})
         response.content_type = "application/json"

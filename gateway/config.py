@@ -571,6 +571,8 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
     cookies = _cookies(r, top, auth_prefix, public_url)
     users = _users(r, top)
     registration = _registration(r, top)
+    if registration.enabled and users.source != "store":
+        r.problem("registration.enabled", f"needs users.source: store (users come from {users.source})")
     throttle_s = r.section(top.raw("throttle"), "throttle", {"window", "per_user", "per_ip", "max_delay"})
     throttle = Throttle(window=throttle_s.duration("window", Throttle.window, lo=1, hi=86400),
                         per_user=throttle_s.integer("per_user", Throttle.per_user, lo=1, hi=1000),

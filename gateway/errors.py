@@ -8,6 +8,7 @@ input, tokens or library messages.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Self
 
@@ -111,6 +112,14 @@ class RequestTimeout(GatewayError):
     description = "The request body did not arrive in time."
 
 
+class Conflict(GatewayError):
+    """The thing to create exists already (a user name taken at registration)."""
+
+    status = 409
+    code = "conflict"
+    description = "This already exists."
+
+
 class PayloadTooLarge(GatewayError):
     """A body is larger than the endpoint accepts."""
 
@@ -125,6 +134,18 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     code = "unsupported_media_type"
     description = "Send JSON or a URL-encoded form."
+
+
+class TooManyRequests(GatewayError):
+    """Too many failed logins for this user name or from this address, for now. Carries
+    ``Retry-After``."""
+
+    status = 429
+    code = "too_many_requests"
+    description = "Too many failed attempts; try again later."
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 class StoreUnavailable(GatewayError):

@@ -15,6 +15,7 @@ from .revocations import Revocations, horizon
 from .routes import RouteTable
 from .sessions import Sessions
 from .store import Store
+from .throttle import LoginThrottle
 from .tokens import AccessTokens
 
 
@@ -29,6 +30,7 @@ class Gateway:
     credentials: Credentials
     proxy: Proxy
     revocations: Revocations
+    throttle: LoginThrottle
 
     @classmethod
     def build(cls, config: Config, store: Store, clock: Callable[[], float]) -> Gateway:
@@ -43,6 +45,7 @@ class Gateway:
             credentials=Credentials(store),
             proxy=Proxy(config),
             revocations=revocations,
+            throttle=LoginThrottle(store, config.throttle, clock),
         )
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from functools import cache
+from importlib import resources
 
+from .config import Registration
 from .credentials import hash_password
 from .errors import UserError
 from .store import Store, User
@@ -74,3 +77,22 @@ async def enable(store: Store, name: str, clock: Callable[[], float] = time.time
     if not await store.update_user(name, disabled=False):
         raise UserError(f"no user named {name!r}")
     return 0
+
+
+@cache
+def common_passwords() -> frozenset[str]:
+    """The short list of passwords everyone tries first, shipped with the package."""
+    text = resources.files(__package__).joinpath("common-passwords.txt").read_text(encoding="utf-8")
+    return frozenset(line.strip().casefold() for line in text.splitlines()
+                     if line.strip() and not line.startswith("#"))
+
+
+def check_registration(cfg: Registration, name: str, password: str) -> None:
+    """A UserError saying what is wrong with a new user name or password, or nothing."""
+    if not re.fullmatch(cfg.username_pattern, name) or not USERNAME.fullmatch(name):
+        raise UserError("invalid_username")
+    folded = password.casefold()
+    if len(password) < cfg.min_password_length or len(password) > MAX_PASSWORD_LENGTH:
+        raise UserError("weak_password")
+    if folded in common_passwords() or folded == name.casefold() or len(set(password)) < 4:
+        raise UserError("weak_password")

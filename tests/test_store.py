@@ -11,7 +11,7 @@ import pytest
 
 from gateway.errors import UserError
 from gateway.sessions import hash_token
-from gateway.store import RefreshRules, Session, Store, User, open_store, resolve_url
+from gateway.store import Failures, RefreshRules, Session, Store, User, open_store, resolve_url
 from gateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 from conftest import redis_store
@@ -242,16 +242,19 @@ async def test_moving_stores_keeps_users_and_live_sessions(
 
 async def test_failed_login_counters_keep_a_window(store: Store) -> None:
     window = 900.0
-    assert await store.failures("user:alice", T0) == 0
-    assert [await store.count_failure("user:alice", T0 + i, window) for i in range(3)] == [1, 2, 3]
-    assert await store.count_failure("ip:10.0.0.1", T0, window) == 1  # keys are counted apart
-    assert await store.failures("user:alice", T0 + window - 1) == 3
-    assert await store.failures("user:alice", T0 + window) == 0  # the window has passed...
-    assert await store.count_failure("user:alice", T0 + window, window) == 1  # ...and a new one opens
+    assert await store.failures("user:alice", T0) is None
+    counted = [await store.count_failure("user:alice", T0 + i, window) for i in range(3)]
+    assert counted == [Failures(1, T0, T0 + window), Failures(2, T0 + 1, T0 + window),
+                       Failures(3, T0 + 2, T0 + window)]
+    assert (await store.count_failure("ip:10.0.0.1", T0, window)).count == 1  # keys are counted apart
+    assert await store.failures("user:alice", T0 + window - 1) == Failures(3, T0 + 2, T0 + window)
+    assert await store.failures("user:alice", T0 + window) is None  # the window has passed...
+    assert await store.count_failure("user:alice", T0 + window, window) == \
+        Failures(1, T0 + window, T0 + 2 * window)  # ...and a new one opens
     await store.clear_failures("user:alice")
-    assert await store.failures("user:alice", T0 + window) == 0
+    assert await store.failures("user:alice", T0 + window) is None
     counts = await asyncio.gather(*(store.count_failure("ip:10.0.0.2", T0, window) for _ in range(20)))
-    assert sorted(counts) == list(range(1, 21))  # concurrent failures are all counted
+    assert sorted(f.count for f in counts) == list(range(1, 21))  # concurrent failures are all counted
 
 
 async def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
@@ -268,7 +271,7 @@ async def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
     store = await open_store(f"sqlite:{path}")
     try:
         assert (await store.get_user("old")) is not None  # the data stays
-        assert await store.count_failure("user:old", T0, 60) == 1  # and the new table is there
+        assert (await store.count_failure("user:old", T0, 60)).count == 1  # and the new table is there
     finally:
         await store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

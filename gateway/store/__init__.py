@@ -76,6 +76,15 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Failures:
+    """Failed logins counted for one key in its current window."""
+
+    count: int
+    last_at: float  # when the latest one was counted
+    window_ends: float
+
+
+@dataclass(frozen=True)
 class Rotation:
     outcome: Outcome
     session: Session | None = None
@@ -166,11 +175,11 @@ class Store(Protocol):
         revocations older than that; how many sessions went. Never blocks the store for long."""
 
     # failed-login counters (throttling): one fixed window per key, started by its first failure
-    async def count_failure(self, key: str, now: float, window: float) -> int:
-        """Count one more failure for ``key``; how many there are in its current window."""
+    async def count_failure(self, key: str, now: float, window: float) -> Failures:
+        """Count one more failure for ``key``, in its current window or a new one."""
 
-    async def failures(self, key: str, now: float) -> int:
-        """How many failures ``key`` has in its current window (0 once it has passed)."""
+    async def failures(self, key: str, now: float) -> Failures | None:
+        """The failures of ``key`` in its current window; None once it has passed."""
 
     async def clear_failures(self, key: str) -> None: ...
 

@@ -32,7 +32,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError, WatchError
 
 from ..errors import StoreUnavailable, UserError
-from . import Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
+from . import Failures, Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
 
 T = TypeVar("T")
 MARGIN = 86400  # keys outlive their session by a day, longer than any access token
@@ -334,8 +334,8 @@ class RedisStore:
             return removed
         return await self._guard(work)
 
-    async def count_failure(self, key: str, now: float, window: float) -> int:
-        async def work() -> int:
+    async def count_failure(self, key: str, now: float, window: float) -> Failures:
+        async def work() -> Failures:
             fkey = self._failures_key(key)
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_RETRIES):
@@ -346,18 +346,20 @@ class RedisStore:
                         count = int(current[b"count"]) + 1 if ends > now else 1
                         ends = ends if count > 1 else now + window
                         pipe.multi()
-                        pipe.hset(fkey, mapping={"count": count, "ends": repr(ends)})
+                        pipe.hset(fkey, mapping={"count": count, "ends": repr(ends), "last": repr(now)})
                         pipe.expireat(fkey, int(ends) + 1)
                         await pipe.execute()
-                        return count
+                        return Failures(count, now, ends)
                     except WatchError:
                         continue
             raise StoreUnavailable().because("redis: failure count kept losing races")
         return await self._guard(work)
 
-    async def failures(self, key: str, now: float) -> int:
+    async def failures(self, key: str, now: float) -> Failures | None:
         current = await self._guard(lambda: self._r.hgetall(self._failures_key(key)))
-        return int(current[b"count"]) if current and float(current[b"ends"]) > now else 0
+        if not current or float(current[b"ends"]) <= now:
+            return None
+        return Failures(int(current[b"count"]), float(current[b"last"]), float(current[b"ends"]))
 
     async def clear_failures(self, key: str) -> None:
         await self._guard(lambda: self._r.delete(self._failures_key(key)))

@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from ..errors import StoreUnavailable, UserError
-from . import Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
+from . import Failures, Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
 
 # Each entry moves the schema up one version (PRAGMA user_version). Never edit a released
 # entry; append a new one.
@@ -89,6 +89,7 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE login_failures (
             key TEXT PRIMARY KEY,
             count INTEGER NOT NULL,
+            last_at REAL NOT NULL,
             window_ends REAL NOT NULL
         ) WITHOUT ROWID""",
         "CREATE INDEX login_failures_by_end ON login_failures (window_ends)",
@@ -345,21 +346,23 @@ class SQLiteStore:
                 return removed
             await asyncio.sleep(0)
 
-    async def count_failure(self, key: str, now: float, window: float) -> int:
+    async def count_failure(self, key: str, now: float, window: float) -> Failures:
         async with self._write() as db:
             await db.execute(
-                "INSERT INTO login_failures (key, count, window_ends) VALUES (?, 1, ?) "
+                "INSERT INTO login_failures (key, count, last_at, window_ends) VALUES (?, 1, ?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET "
                 "count = CASE WHEN window_ends > ? THEN count + 1 ELSE 1 END, "
-                "window_ends = CASE WHEN window_ends > ? THEN window_ends ELSE ? END",
-                (key, now + window, now, now, now + window))
-            return int((await self._one("SELECT count FROM login_failures WHERE key = ?", (key,)))[0])
+                "window_ends = CASE WHEN window_ends > ? THEN window_ends ELSE ? END, "
+                "last_at = ?",
+                (key, now, now + window, now, now, now + window, now))
+            row = await self._one("SELECT count, last_at, window_ends FROM login_failures WHERE key = ?", (key,))
+        return Failures(*row)
 
-    async def failures(self, key: str, now: float) -> int:
+    async def failures(self, key: str, now: float) -> Failures | None:
         async with self._read():
-            row = await self._one("SELECT count FROM login_failures WHERE key = ? AND window_ends > ?",
-                                  (key, now))
-        return int(row[0]) if row else 0
+            row = await self._one("SELECT count, last_at, window_ends FROM login_failures "
+                                  "WHERE key = ? AND window_ends > ?", (key, now))
+        return Failures(*row) if row else None
 
     async def clear_failures(self, key: str) -> None:
         async with self._write() as db:
