@@ -1,14 +1,22 @@
-"""Access tokens: issue and verify. The only module that imports ``jwt``.
+"""Access tokens: issue and verify, and the public keys as a JWK Set. The only module that
+imports ``jwt``.
 
-PyJWT checks the signature, with the algorithm pinned by the key that the ``kid`` names (a
-list of one, never taken from the token). Every claim is then checked here, by type and
-value, against the gateway's own clock, so the rules do not depend on a library version:
-``iss`` by exact equality, ``aud`` equal or contained in a list of strings, ``exp``/``iat``
-finite numbers (not booleans, not strings), a lifetime no longer than ``access_ttl``.
+The first configured key signs, whatever its algorithm: HS256 with its secret, EdDSA, ES256
+or RS256 with its private key. Every configured key verifies the tokens that name its
+``kid``, with the key's own algorithm pinned (a list of one, never taken from the token) and
+the key's own material: the secret of an HS256 key, the public key object of another. An
+HMAC algorithm and an asymmetric key never meet, so no public key, in any encoding, can be
+used as an HMAC secret (algorithm confusion).
+
+PyJWT checks the signature. Every claim is then checked here, by type and value, against the
+gateway's own clock, so the rules do not depend on a library version: ``iss`` by exact
+equality, ``aud`` equal or contained in a list of strings, ``exp``/``iat`` finite numbers
+(not booleans, not strings), a lifetime no longer than ``access_ttl``.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import secrets
@@ -17,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .config import Tokens
+from .config import SigningKey, Tokens
 from .errors import InvalidToken
 
 MAX_TOKEN_LENGTH = 4096
@@ -46,7 +56,15 @@ class AccessTokens:
         self.cfg = cfg
         self.clock = clock
         self._signing = cfg.keys[0]
-        self._keys = {key.kid: key for key in cfg.keys}
+        self._signing_material = _signing_material(cfg.keys[0])
+        # kid -> (key, what verifies its signatures): an exact match in memory, nothing else.
+        self._keys = {key.kid: (key, _verifying_material(key)) for key in cfg.keys}
+        self._jwks = {"keys": [_jwk(key) for key in cfg.keys if not key.symmetric]}
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The public keys of every asymmetric key, as an RFC 7517 JWK Set (in config order;
+        an HS256 secret is never in it)."""
+        return {"keys": [dict(jwk) for jwk in self._jwks["keys"]]}
 
     def issue(self, sub: str, roles: tuple[str, ...], sid: str) -> tuple[str, int]:
         """A signed access token and its lifetime in seconds."""
@@ -63,7 +81,7 @@ class AccessTokens:
             "roles": list(roles),
         }
         key = self._signing
-        token = jwt.encode(claims, key.secret, algorithm=key.algorithm,
+        token = jwt.encode(claims, self._signing_material, algorithm=key.algorithm,
                            headers={"kid": key.kid, "typ": TOKEN_TYPE})
         return token, ttl
 
@@ -77,16 +95,17 @@ class AccessTokens:
         except jwt.PyJWTError:
             raise InvalidToken().because("malformed") from None
         kid = header.get("kid")
-        key = self._keys.get(kid) if isinstance(kid, str) else None
-        if key is None:
+        found = self._keys.get(kid) if isinstance(kid, str) else None
+        if found is None:
             raise InvalidToken().because("unknown_kid")
+        key, material = found
         if header.get("alg") != key.algorithm or header.get("typ") != TOKEN_TYPE \
                 or not _FOREIGN_KEY_PARAMS.isdisjoint(header):
             raise InvalidToken().because("bad_header")
         try:
             claims = jwt.decode(
                 token,
-                key.secret,
+                material,
                 algorithms=[key.algorithm],
                 options={"verify_signature": True, "verify_exp": False, "verify_nbf": False,
                          "verify_iat": False, "verify_aud": False, "verify_iss": False,
@@ -120,6 +139,57 @@ class AccessTokens:
             raise InvalidToken().because("bad_claims")
         return Identity(sub=sub, roles=tuple(roles), sid=sid, jti=jti, exp=float(exp),
                         claims=claims, token=token)
+
+
+def _signing_material(key: SigningKey) -> Any:
+    """What signs with ``key``: its secret (HS256) or its private key object."""
+    if key.symmetric:
+        if not key.secret:
+            raise ValueError(f"key {key.kid!r} has no secret")
+        return key.secret
+    if key.private_key is None:
+        raise ValueError(f"key {key.kid!r} is a public key only; the first key signs and needs a private key")
+    return key.private_key
+
+
+def _verifying_material(key: SigningKey) -> Any:
+    """What verifies ``key``'s signatures: its secret (HS256) or its public key object, never
+    bytes that an HMAC could take as a secret."""
+    if key.symmetric:
+        if not key.secret:
+            raise ValueError(f"key {key.kid!r} has no secret")
+        return key.secret
+    if key.public_key is None:
+        raise ValueError(f"key {key.kid!r} has no public key")
+    return key.public_key
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _uint(value: int) -> str:
+    """An unsigned integer as base64url of its shortest big-endian bytes (RFC 7518 §6.3)."""
+    return _b64(value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
+
+
+def _jwk(key: SigningKey) -> dict[str, str]:
+    """The public JWK of an asymmetric key (RFC 7517, 7518 §6, 8037)."""
+    public = key.public_key
+    fields: dict[str, str]
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        fields = {"kty": "OKP", "crv": "Ed25519", "x": _b64(raw)}
+    elif isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        numbers = public.public_numbers()
+        fields = {"kty": "EC", "crv": "P-256", "x": _b64(numbers.x.to_bytes(32, "big")),
+                  "y": _b64(numbers.y.to_bytes(32, "big"))}
+    elif isinstance(public, rsa.RSAPublicKey):
+        rsa_numbers = public.public_numbers()
+        fields = {"kty": "RSA", "n": _uint(rsa_numbers.n), "e": _uint(rsa_numbers.e)}
+    else:
+        raise ValueError(f"key {key.kid!r} has no public key that fits {key.algorithm}")
+    return {**fields, "kid": key.kid, "alg": key.algorithm, "use": "sig"}
 
 
 def _number(value: Any) -> TypeGuard[float]:

@@ -112,7 +112,32 @@ REFUSED = {
     "base64 padding": lambda: sign(claims()) + "=",
     "header not an object": lambda: unsigned([], claims(), "sig"),
     "oversized": lambda: sign(claims(pad="x" * 5000)),
+    # SEC-26: every spelling of none; an algorithm the key is not pinned to
+    "alg NONE": lambda: unsigned({"alg": "NONE", "typ": "at+jwt", "kid": "k1"}, claims()),
+    "alg nOnE": lambda: unsigned({"alg": "nOnE", "typ": "JWT"}, claims()),
+    "alg ES256 under the HS256 key": lambda: hs256(claims(), alg="ES256"),
+    "alg HS256 spelled hs256": lambda: hs256(claims(), alg="hs256"),
+    # SEC-30: the kid is an exact key of the configured keys, nothing else
+    "kid in another case": lambda: sign(claims(), kid="K1"),
+    "kid empty": lambda: sign(claims(), kid=""),
+    "kid with a NUL": lambda: sign(claims(), kid="k1\u0000"),
+    "kid with a trailing space": lambda: sign(claims(), kid="k1 "),
+    "kid SQL": lambda: sign(claims(), kid="x' UNION SELECT 'k'--"),
+    "kid /proc/self/environ": lambda: sign(claims(), kid="/proc/self/environ"),
+    "kid null": lambda: hs256(claims(), kid=None),
+    "kid a list": lambda: hs256(claims(), kid=["k1"]),
+    "kid path traversal, empty HMAC key": lambda: _empty_key(kid="../../../../dev/null"),
+    "empty HMAC key": lambda: _empty_key(),
+    # SEC-29: key material named by the token
+    "x5u": lambda: sign(claims(), x5u="http://127.0.0.1:9/c.pem"),
+    "x5c": lambda: sign(claims(), x5c=[base64.b64encode(b"not a certificate").decode()]),
+    "crit": lambda: sign(claims(), crit=["exp"]),
 }
+
+
+def _empty_key(**header: Any) -> str:
+    signing_input = f"{b64({'alg': 'HS256', 'typ': 'at+jwt', 'kid': 'k1', **header})}.{b64(claims())}"
+    return f"{signing_input}.{b64(hmac.new(b'', signing_input.encode(), hashlib.sha256).digest())}"
 
 
 @pytest.mark.parametrize("name", REFUSED)
