@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import auth_api, cookies, cors, errors, pipeline, revocations
+from . import auth_api, cookies, cors, errors, pipeline, revocations, wellknown
 from .config import Config
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, StoreUnavailable
 from .paths import normalize
@@ -66,7 +66,8 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
         app[GATEWAY] = gw
         endpoints: dict[str, dict[str, Handler]] = {
             **auth_api.endpoints(config.auth_prefix, registration=config.registration.enabled),
-            "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
+            "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz},
+            "/.well-known/jwks.json": {"GET": wellknown.jwks}}
         app[_ENDPOINTS] = endpoints
         background = [asyncio.create_task(gw.revocations.run()),
                       asyncio.create_task(_purge_forever(gw))]
