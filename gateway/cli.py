@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from . import config as config_module
@@ -103,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--from", dest="source", required=True, metavar="URL")
     m.add_argument("--to", dest="target", required=True, metavar="URL")
     m.set_defaults(func=_store_migrate)
+
+    p = sub.add_parser("keys", help="signing keys")
+    keys_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    k = keys_sub.add_parser("generate", parents=[common], help="write a new private key file (PEM, mode 0600)")
+    k.add_argument("--algorithm", required=True, choices=("EdDSA", "ES256", "RS256"), type=_algorithm)
+    k.add_argument("--kid", help="the key's id (default: ALGORITHM-DATE-RANDOM)")
+    k.add_argument("--out", metavar="FILE", help="where to write it (default: KID.pem); never overwritten")
+    k.set_defaults(func=_keys_generate)
 
     s = sessions_sub.add_parser("revoke", parents=[with_store], help="end sessions")
     group = s.add_mutually_exclusive_group(required=True)
@@ -222,6 +233,29 @@ def _store_migrate(args: argparse.Namespace) -> int:
     users_moved, sessions_moved = asyncio.run(go())
     print(f"copied {users_moved} user(s) and {sessions_moved} live session(s) to {args.target.split('?')[0]}")
     return 0
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from . import keys
+
+    made = keys.generate(args.algorithm, Path(args.out) if args.out else None, args.kid)
+    print(f"wrote {made.path} ({made.algorithm} private key, kid {made.kid}, mode 0600; keep it secret)")
+    print("add it to tokens.keys (second, to publish it first; see docs/keys.md):")
+    print(f"  - {{kid: {made.kid}, algorithm: {made.algorithm}, key_file: {_key_file(made.path, args.config)}}}")
+    return 0
+
+
+def _algorithm(text: str) -> str:
+    """``es256`` is ES256, as in the config (an unknown name is left for argparse to refuse)."""
+    return next((a for a in ("EdDSA", "ES256", "RS256") if a.lower() == text.lower()), text)
+
+
+def _key_file(path: Path, config: str) -> str:
+    """``path`` as the config's ``key_file``: relative to the config file's folder when it
+    lies inside it, else absolute."""
+    key, base = path.resolve(), Path(config).resolve().parent
+    shown = str(key.relative_to(base)) if key.is_relative_to(base) else str(key)
+    return json.dumps(shown) if not re.fullmatch(r"[A-Za-z0-9._/-]+", shown) else shown
 
 
 # --- helpers --------------------------------------------------------------------------------
