@@ -9,7 +9,8 @@ Header rules, in the order they apply:
 2. What the upstream must only hear from the gateway goes next: identity headers (every
    case and every copy), ``Authorization``, the gateway's cookies, method-override and
    URL-rewrite headers, and forwarding headers unless the peer is a trusted proxy.
-3. The gateway then sets identity and ``X-Forwarded-*`` headers itself.
+3. The gateway then sets identity and ``X-Forwarded-*`` headers itself, and, on a route
+   with ``forward_token: true``, ``Authorization: Bearer`` with the verified access token.
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ def strip_hop_by_hop(raw_headers: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+def _forwards_token(request: web.BaseRequest) -> bool:
+    """Whether the request's route (pipeline.handle sets it) has ``forward_token: true``."""
+    from .state import ROUTE  # noqa: PLC0415 (state imports this module)
+
+    route = request.get(ROUTE) if isinstance(request, web.Request) else None
+    return route is not None and route.forward_token
+
+
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -182,6 +191,10 @@ class Proxy:
                 text = str(claimed)
                 if text.isascii() and text.isprintable():  # never CR, LF or NUL in a header
                     out[header] = text
+            if _forwards_token(request):
+                # forward_token: the upstream hears the token the gateway verified, never
+                # the client's own Authorization (dropped above with every other spelling).
+                out["Authorization"] = f"Bearer {identity.token}"
         peer = request.remote or ""
         prior = inbound.get("X-Forwarded-For") if trusted else None
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
