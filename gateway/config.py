@@ -769,6 +769,13 @@ def _users(r: _Reader, top: _Section) -> Users:
         path = str((r.base_dir / name).resolve()) if name else ""
         if name and not Path(path).is_file():
             r.problem(s.at("file"), f"no such file: {name}")
+        elif name:
+            from . import htpasswd  # noqa: PLC0415 (only this source reads one)
+
+            try:
+                htpasswd.load(path)
+            except htpasswd.HtpasswdError as exc:
+                r.problem(s.at("file"), f"{name}: {exc}")
         return Users(source="htpasswd", htpasswd=path, default_roles=roles)
     if source == "upstream":
         url = s.text("url", required=True)
