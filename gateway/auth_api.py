@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from . import browser, cookies, errors, users
+from .credentials import hash_password
 from .errors import (
     BadRequest,
     Conflict,
@@ -38,7 +39,6 @@ from .pipeline import authenticate
 from .proxy import continue_if_expected, strip_hop_by_hop
 from .sessions import RefreshRefused
 from .state import GATEWAY, PATH, Gateway
-from .credentials import hash_password
 from .store import Session, User
 
 security = logging.getLogger("gateway.security")

@@ -42,7 +42,7 @@ class Gateway:
             routes=RouteTable(config.routes),
             tokens=AccessTokens(config.tokens, clock),
             sessions=Sessions(store, config.tokens, clock, revocations),
-            credentials=Credentials(store),
+            credentials=Credentials(store, config.users, clock),
             proxy=Proxy(config),
             revocations=revocations,
             throttle=LoginThrottle(store, config.throttle, clock),
