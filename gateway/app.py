@@ -24,8 +24,6 @@ from .state import CLEAR_COOKIES, CORS, ERROR, GATEWAY, IP, PATH, RENEWED, Gatew
 from .store import Store, open_store
 
 log = logging.getLogger("gateway")
-_STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
-                 413: "payload_too_large", 431: "headers_too_large"}
 
 
 def create_app(
@@ -167,9 +165,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        mapped = GatewayError(_STATUS_CODES.get(exc.status, "http_error"), exc.reason)
-        mapped.status = exc.status
-        response = errors.response(mapped)
+        response = errors.response(errors.for_status(exc.status, exc.reason))
     except ConnectionError:
         # The client went away while we read its request; nobody is left to answer.
         request[ERROR] = "client_disconnected"

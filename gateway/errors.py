@@ -172,6 +172,18 @@ class GatewayTimeout(GatewayError):
     description = "The upstream service did not answer in time."
 
 
+# The codes of answers that aiohttp chooses (its router, its HTTP parser), not the gateway.
+_CODES_BY_STATUS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+                    413: "payload_too_large", 431: "headers_too_large"}
+
+
+def for_status(status: int, description: str) -> GatewayError:
+    """The gateway's error for a status that aiohttp chose."""
+    exc = GatewayError(_CODES_BY_STATUS.get(status, "http_error"), description)
+    exc.status = status
+    return exc
+
+
 def response(exc: GatewayError) -> web.Response:
     """The JSON answer for ``exc``."""
     return web.Response(

@@ -8,11 +8,13 @@ import multiprocessing.process
 import signal
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import http_parser, web
+from aiohttp.web_protocol import RequestHandler
 
-from . import logs
+from . import errors, logs
 from .app import create_app
 from .config import Config
 from .errors import UserError
@@ -28,6 +30,30 @@ HANDLER_OPTIONS: dict[str, Any] = {
     # alive. The short wait lets the client read the answer before the socket closes.
     "lingering_time": 1.0,
 }
+
+
+def _answer_parser_errors_without_echo() -> None:
+    """aiohttp answers a request its HTTP parser refuses (an over-long header line, a bad
+    Content-Length...) itself, before any middleware, with a text/plain 400 quoting up to
+    ~100 bytes of the offending line: the start of a token or a cookie, sent back to
+    whoever sent it, or reflected by a cache in between. Answer these with the gateway's
+    JSON error instead, which says only what kind of error it was. aiohttp still logs
+    the error (logs.setup redacts the bytes) and closes the connection."""
+    aiohttp_handle_error = RequestHandler.handle_error
+
+    def handle_error(self: RequestHandler, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        answer = aiohttp_handle_error(self, request, status, exc, message if status >= 500 else None)
+        if status >= 500:
+            return answer
+        response = errors.response(errors.for_status(status, HTTPStatus(status).phrase))
+        response.force_close()
+        return response
+
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
+
+
+_answer_parser_errors_without_echo()
 
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,
