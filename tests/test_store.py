@@ -127,6 +127,32 @@ async def test_revocation(store: Store) -> None:
     assert (await store.session_of_refresh(hash_token("a2"))).id == "a2"  # type: ignore[union-attr]
 
 
+async def test_count_sessions_counts_the_live_ones(store: Store) -> None:
+    for sid, user in (("s1", "alice"), ("s2", "alice"), ("s3", "bob")):
+        await store.create_session(session(sid, user), hash_token(f"{sid}-0"))
+    await store.create_session(session("short", expires_at=T0 + 100), hash_token("short-0"))
+    assert await store.count_sessions(T0, RULES) == 4
+    await store.revoke_session("s2", T0, "logout")
+    assert await store.count_sessions(T0, RULES) == 3
+    # used just before its absolute end, and still over at that end
+    assert (await store.rotate_refresh(hash_token("short-0"), then(hash_token("short-1")), T0 + 50, RULES)).outcome == "rotated"
+    assert await store.count_sessions(T0 + 99, RULES) == 3
+    assert await store.count_sessions(T0 + 100, RULES) == 2
+    # a refresh, and a repeat inside the grace period, each push the idle end later
+    assert (await store.rotate_refresh(hash_token("s3-0"), then(hash_token("s3-1")), T0 + 10, RULES)).outcome == "rotated"
+    assert (await store.rotate_refresh(hash_token("s3-0"), then(hash_token("s3-1")), T0 + 15, RULES)).outcome == "grace"
+    assert (await store.rotate_refresh(hash_token("s1-0"), then(hash_token("s1-1")), T0 + 3000, RULES)).outcome == "rotated"
+    assert await store.count_sessions(T0 + 3612, RULES) == 2  # s1 and s3
+    assert await store.count_sessions(T0 + 3615, RULES) == 1  # s3 idle for idle_ttl
+    # a replay ends s1
+    assert (await store.rotate_refresh(hash_token("s1-0"), then(hash_token("s1-1")), T0 + 3100, RULES)).outcome == "reused"
+    assert await store.count_sessions(T0 + 3612, RULES) == 1
+    await store.revoke_user_sessions("bob", T0 + 3200, "admin_revoke")
+    assert await store.count_sessions(T0 + 3200, RULES) == 0
+    assert await store.purge(T0 + 10 * 86400, RULES, 100) == 4
+    assert await store.count_sessions(T0, RULES) == 0
+
+
 async def test_sqlite_file_is_wal_versioned_and_holds_no_plaintext_token(tmp_path: Path) -> None:
     path = tmp_path / "gw.db"
     store = await open_store(f"sqlite:///{str(path).lstrip('/')}")
@@ -232,6 +258,7 @@ async def test_moving_stores_keeps_users_and_live_sessions(
         await target.import_state(snapshot)
         assert await target.list_users() == await source.list_users()
         assert await target.get_session("ended") is None
+        assert await target.count_sessions(T0 + 3, RULES) == 1
         # the live chain goes on in the new store: the old token is a replay, the new one rotates
         assert (await target.rotate_refresh(hash_token("l1"), then(hash_token("l2")), T0 + 4, RULES)).outcome == "rotated"
         assert (await target.rotate_refresh(hash_token("l0"), then(hash_token("l1")), T0 + 60, RULES)).outcome == "reused"

@@ -166,6 +166,11 @@ class Store(Protocol):
     async def revoke_user_sessions(self, user: str, now: float, reason: str) -> int:
         """How many live sessions were ended."""
 
+    async def count_sessions(self, now: float, rules: RefreshRules) -> int:
+        """How many sessions are live at ``now``: not revoked, before their absolute end,
+        and used within ``rules.idle_ttl`` (what :func:`judge_refresh` would still rotate).
+        Cheap enough to ask at every metrics scrape."""
+
     async def revocations_after(self, seq: int) -> list[Revocation]:
         """Every revocation still kept with a ``seq`` above this one, oldest first. Whatever
         ends a session (including ``rotate_refresh`` on reuse) records one."""

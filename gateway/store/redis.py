@@ -6,7 +6,11 @@ For several workers and several replicas. Layout, under one prefix (``gw:``):
 - ``gw:s:SID`` a session (hash), ``gw:us:NAME`` the user's session ids (set);
 - ``gw:t:HASH`` one refresh token of a chain (hash: session, generation, used_at, successor);
 - ``gw:revocations`` every revocation, in order (a stream: every replica reads it);
-- ``gw:f:KEY`` a failed-login counter (expires with its window).
+- ``gw:f:KEY`` a failed-login counter (expires with its window);
+- ``gw:live:used`` and ``gw:live:ends`` every session not yet revoked or purged, scored by
+  its last use and by its absolute end (sorted sets), so that live sessions are counted
+  without reading them. A session started by a version without these sets is counted from
+  its next refresh.
 
 Rotation and revocation are WATCH/MULTI transactions over the token and its session: they
 decide with the same :func:`~gateway.store.judge_refresh` as every store, and a concurrent
@@ -97,6 +101,14 @@ class RedisStore:
     def _stream(self) -> str:
         return f"{self._p}revocations"
 
+    @property
+    def _live_used(self) -> str:
+        return f"{self._p}live:used"
+
+    @property
+    def _live_ends(self) -> str:
+        return f"{self._p}live:ends"
+
     # --- users ----------------------------------------------------------------------------
 
     async def add_user(self, user: User) -> None:
@@ -177,6 +189,8 @@ class RedisStore:
                 pipe.sadd(self._tokens_of(session.id), tkey)
                 pipe.expireat(self._tokens_of(session.id), until)
                 pipe.sadd(self._sessions_of(session.user), session.id)
+                pipe.zadd(self._live_used, {session.id: session.last_used_at})
+                pipe.zadd(self._live_ends, {session.id: session.expires_at})
                 await pipe.execute()
         await self._guard(work)
 
@@ -212,6 +226,8 @@ class RedisStore:
                             await pipe.reset()
                             if now > session.last_used_at + 1:
                                 await self._r.hset(skey, "last_used_at", repr(now))
+                                # xx: never put back a session revoked meanwhile
+                                await self._r.zadd(self._live_used, {sid: now}, xx=True)
                                 session = replace(session, last_used_at=now)
                             return Rotation(outcome, session, user)
                         pipe.multi()
@@ -224,6 +240,8 @@ class RedisStore:
                             pipe.sadd(self._tokens_of(sid), new_key)
                             for key in (tkey, new_key, skey, self._tokens_of(sid)):
                                 pipe.expireat(key, until)
+                            pipe.zadd(self._live_used, {sid: now})
+                            pipe.zadd(self._live_ends, {sid: session.expires_at})
                             session = replace(session, generation=generation + 1, last_used_at=now)
                         elif outcome == "reused":
                             session = replace(session, revoked_at=now, revoked_reason="refresh_token_reused")
@@ -239,6 +257,8 @@ class RedisStore:
         pipe.hset(self._session_key(session.id), mapping={
             "revoked_at": repr(session.revoked_at), "revoked_reason": session.revoked_reason or ""})
         pipe.xadd(self._stream, {"sid": session.id, "at": repr(session.revoked_at)})
+        pipe.zrem(self._live_used, session.id)
+        pipe.zrem(self._live_ends, session.id)
 
     async def get_session(self, session_id: str) -> Session | None:
         fields = await self._guard(lambda: self._r.hgetall(self._session_key(session_id)))
@@ -296,6 +316,12 @@ class RedisStore:
             return ended
         return await self._guard(work)
 
+    async def count_sessions(self, now: float, rules: RefreshRules) -> int:
+        used_after = now - rules.idle_ttl
+        count = await self._guard(lambda: self._r.eval(
+            _COUNT_LIVE, 2, self._live_used, self._live_ends, repr(used_after), repr(now)))
+        return int(count)
+
     async def revocations_after(self, seq: int) -> list[Revocation]:
         async def work() -> list[Revocation]:
             start = f"({_stream_id(seq)}" if seq else "-"
@@ -326,6 +352,8 @@ class RedisStore:
                     async with self._r.pipeline(transaction=True) as pipe:
                         pipe.delete(*doomed)
                         pipe.srem(key, raw)
+                        pipe.zrem(self._live_used, raw)
+                        pipe.zrem(self._live_ends, raw)
                         await pipe.execute()
                     removed += session is not None
             # Stream ids are Redis's own clock: trim by it, not by ours.
@@ -396,6 +424,9 @@ class RedisStore:
                 async with self._r.pipeline(transaction=True) as pipe:
                     pipe.hset(self._session_key(session.id), mapping=_session_fields(session))
                     pipe.sadd(self._sessions_of(session.user), session.id)
+                    if session.revoked_at is None:
+                        pipe.zadd(self._live_used, {session.id: session.last_used_at})
+                        pipe.zadd(self._live_ends, {session.id: session.expires_at})
                     for link in links:
                         key = self._token_key(link.hash)
                         fields: dict[str, Any] = {"sid": session.id, "generation": link.generation}
@@ -408,6 +439,18 @@ class RedisStore:
                         pipe.expireat(key, until)
                     await pipe.execute()
         await self._guard(work)
+
+
+# Sessions used within the idle window, less those of them past their absolute end. A
+# session is never used after its end, so only ends within the idle window need a look.
+_COUNT_LIVE = """
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], ARGV[2])) do
+  local used = redis.call('ZSCORE', KEYS[1], sid)
+  if used and tonumber(used) > tonumber(ARGV[1]) then live = live - 1 end
+end
+return live
+"""
 
 
 def _sentinel_master(parts: SplitResult, options: dict[str, Any]) -> aioredis.Redis:

@@ -322,6 +322,13 @@ class SQLiteStore:
                 "WHERE user = ? AND revoked_at IS NULL", (now, reason, user))
             return cursor.rowcount
 
+    async def count_sessions(self, now: float, rules: RefreshRules) -> int:
+        async with self._read():
+            row = await self._one(
+                "SELECT count(*) FROM sessions WHERE revoked_at IS NULL AND expires_at > ? "
+                "AND last_used_at + ? > ?", (now, rules.idle_ttl, now))
+        return int(row[0])
+
     async def revocations_after(self, seq: int) -> list[Revocation]:
         async with self._read():
             rows = await self._all(
