@@ -285,7 +285,7 @@ def _signed_in(gw: Gateway, response: web.Response, user: User, session: Session
                refresh_token: str) -> web.Response:
     """Mint an access token for ``session`` and put it and the refresh token on
     ``response``: the access token in the body for API clients, both in cookies."""
-    access_token, expires_in = gw.tokens.issue(user.name, user.roles, session.id)
+    access_token, expires_in = gw.tokens.issue(user.name, user.roles, session.id, user.claims)
     if response.status in (200, 201):
         response.text = json.dumps({"access_token": access_token, "token_type": "Bearer",
                                     "expires_in": expires_in})

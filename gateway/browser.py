@@ -67,7 +67,8 @@ async def refresh_at_edge(gw: Gateway, request: web.Request, inbound: CIMultiDic
             security.info("refresh_refused", extra={"fields": {"reason": exc.reason, "at": "edge",
                                                                "ip": request.get(IP, "")}})
         return None
-    access_token, _ = gw.tokens.issue(done.user.name, done.user.roles, done.session.id)
+    access_token, _ = gw.tokens.issue(done.user.name, done.user.roles, done.session.id,
+                                         done.user.claims)
     request[RENEWED] = Renewal(access_token, done.refresh_token, gw.sessions.remaining(done.session))
     return gw.tokens.verify(access_token)
 

@@ -233,6 +233,9 @@ _COOKIE_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 _ROLE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()+,=:@%-]+$")
 _HMAC_MIN_BYTES = {"HS256": 32}
+# Claims the gateway sets and checks itself in access tokens: a user's own claims
+# (users.claims) never take these names.
+RESERVED_CLAIMS = frozenset({"iss", "aud", "sub", "iat", "exp", "nbf", "jti", "sid", "roles"})
 ALGORITHMS = ("HS256", "EdDSA", "ES256", "RS256")
 # Values that appear in examples and tutorials. A token signed with one of them can be
 # forged by anyone who has read the same page.
@@ -786,6 +789,9 @@ def _users(r: _Reader, top: _Section) -> Users:
         for claim, where, cpath in s.mapping("claims"):
             if not isinstance(where, str) or not where:
                 r.problem(cpath, "expected a dotted path into the answer, such as user.email")
+            elif claim in RESERVED_CLAIMS:
+                r.problem(cpath, f"{claim} is a claim the gateway sets itself; "
+                                 f"choose another name (not one of {', '.join(sorted(RESERVED_CLAIMS))})")
             else:
                 claims.append((claim, where))
         check = UpstreamCheck(

@@ -22,9 +22,10 @@ something unexpected) is a refusal, never a sign-in.
   status, a timeout, a connection error, or a body that is not a JSON object is a refusal,
   logged with its reason (never the password). A login endpoint that answers 200 with an
   HTML page for everything is thereby not mistaken for a yes. The user name must pass the
-  gateway's rules (:data:`gateway.users.USERNAME`) before anything is sent. The configured
-  ``claims`` are not carried yet (a warning at start says so): access tokens hold ``sub``
-  and ``roles`` only.
+  gateway's rules (:data:`gateway.users.USERNAME`) before anything is sent. Each of the
+  configured ``claims`` is the value at its dotted path in the answer, when that is a short
+  string, a number, a boolean or a short list of those (anything else, or nothing there:
+  the claim is left out, with a warning); it goes into the user's access tokens.
 
 Timing does not tell an unknown user from a wrong password: an unknown or disabled store
 user is checked against a dummy argon2id hash, an unknown htpasswd user against a dummy
@@ -47,8 +48,8 @@ refresh uses those roles:
   which is useless without its salt), so a change made while the gateway was down is seen
   at the first read after a start. Ending sessions, not only refusing their next refresh,
   stops their access tokens within a second, like every other revocation.
-- upstream: a user cannot be asked about again without the password, so the roles
-  captured at login stay until the session ends or the user logs in again. An operator
+- upstream: a user cannot be asked about again without the password, so the roles and
+  claims captured at login stay until the session ends or the user logs in again. An operator
   ends them early with ``gateway sessions revoke --user NAME`` or ``gateway users disable``.
 
 A disabled row (``gateway users disable NAME``) refuses logins for every source.
@@ -60,6 +61,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -86,6 +88,9 @@ HTPASSWD_MARK = "!htpasswd:"  # the password hash of a store row kept for an htp
 UPSTREAM_MARK = "!upstream"  # ... and for a user of the upstream source
 RELOAD_INTERVAL = 1.0  # seconds between looks at the htpasswd file
 MAX_ANSWER = 1024 * 1024  # bytes of the upstream's answer that are read
+MAX_CLAIM_TEXT = 200  # characters of a claim taken from the upstream's answer
+MAX_CLAIM_ITEMS = 16  # ... and items of a list
+MAX_CLAIMS_JSON = 1024  # bytes of all of them, as JSON
 _BCRYPT_MAX = 72  # bytes of a password that bcrypt uses (Apache's htpasswd cuts there too)
 
 
@@ -134,10 +139,6 @@ class Credentials:
         self._file = _HtpasswdFile(users.htpasswd, store, users.default_roles, clock, self._pool) \
             if users.source == "htpasswd" else None
         self._watcher: asyncio.Task[None] | None = None
-        if users.upstream is not None and users.upstream.claims:
-            log.warning("upstream_claims_not_carried", extra={"fields": {
-                "claims": ",".join(name for name, _ in users.upstream.claims),
-                "reason": "access tokens carry sub and roles only so far"}})
         if self._file is not None:
             try:
                 self._watcher = asyncio.get_running_loop().create_task(self._file.watch())
@@ -238,7 +239,7 @@ class Credentials:
         if row is not None and row.disabled:
             raise InvalidCredentials().because("disabled")
         roles = tuple(dict.fromkeys(_roles_at(answer, cfg.roles_field) + self.users.default_roles))
-        return await self._keep_row(row, username, UPSTREAM_MARK, roles)
+        return await self._keep_row(row, username, UPSTREAM_MARK, roles, _claims_at(answer, cfg.claims))
 
     def _upstream_failed(self, username: str, reason: str) -> InvalidCredentials:
         log.warning("upstream_check_failed", extra={"fields": {"user": username[:64], "reason": reason}})
@@ -246,9 +247,10 @@ class Credentials:
 
     # --- the store's row of a user of another source --------------------------------------
 
-    async def _keep_row(self, row: User | None, name: str, mark: str, roles: tuple[str, ...]) -> User:
+    async def _keep_row(self, row: User | None, name: str, mark: str, roles: tuple[str, ...],
+                        claims: tuple[tuple[str, Any], ...] = ()) -> User:
         """Write the row that refreshes read: see the module's docstring."""
-        user = User(name=name, password_hash=mark, roles=roles,
+        user = User(name=name, password_hash=mark, roles=roles, claims=claims,
                     created_at=row.created_at if row is not None else self.clock())
         if row is None:
             try:
@@ -256,9 +258,9 @@ class Credentials:
                 return user
             except UserError:  # another process was first
                 pass
-        elif row.password_hash == mark and row.roles == roles:
+        elif row.password_hash == mark and row.roles == roles and row.claims == claims:
             return row
-        await self.store.update_user(name, password_hash=mark, roles=roles)
+        await self.store.update_user(name, password_hash=mark, roles=roles, claims=claims)
         return user
 
 
@@ -266,17 +268,49 @@ def _htpasswd_mark(entry: htpasswd.Entry) -> str:
     return HTPASSWD_MARK + hashlib.sha256(entry.hash).hexdigest()[:16]
 
 
+def _at(answer: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of the answer, or None."""
+    value: Any = answer if path else None
+    for key in path.split(".") if path else ():
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def _roles_at(answer: dict[str, Any], path: str) -> tuple[str, ...]:
     """The list of strings at a dotted path of the answer; role names the gateway would not
     take (which could not travel in a token or an identity header) are dropped."""
     from .users import ROLE  # noqa: PLC0415
 
-    value: Any = answer if path else None
-    for key in path.split(".") if path else ():
-        value = value.get(key) if isinstance(value, dict) else None
+    value = _at(answer, path)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return ()
     return tuple(v for v in value if ROLE.fullmatch(v))
+
+
+def _claims_at(answer: dict[str, Any], wanted: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Any], ...]:
+    """The configured claims found in the answer. Values are bounded, so that a token
+    always stays well under the size the gateway verifies (tokens.MAX_TOKEN_LENGTH)."""
+    found: list[tuple[str, Any]] = []
+    for claim, path in wanted:
+        value = _at(answer, path)
+        if _claim_value(value) or isinstance(value, list) and len(value) <= MAX_CLAIM_ITEMS \
+                and all(_claim_value(v) for v in value):
+            if len(json.dumps([*found, (claim, value)])) <= MAX_CLAIMS_JSON:
+                found.append((claim, value))
+                continue
+            reason = f"the claims would be over {MAX_CLAIMS_JSON} bytes"
+        elif value is None:
+            continue
+        else:
+            reason = f"not a short string, a finite number, a boolean or a short list of those at {path}"
+        log.warning("upstream_claim_dropped", extra={"fields": {"claim": claim, "reason": reason}})
+    return tuple(found)
+
+
+def _claim_value(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, bool | int) or isinstance(value, str) and len(value) <= MAX_CLAIM_TEXT
 
 
 async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -28,7 +28,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .config import SigningKey, Tokens
+from .config import RESERVED_CLAIMS, SigningKey, Tokens
 from .errors import InvalidToken
 
 MAX_TOKEN_LENGTH = 4096
@@ -66,11 +66,14 @@ class AccessTokens:
         an HS256 secret is never in it)."""
         return {"keys": [dict(jwk) for jwk in self._jwks["keys"]]}
 
-    def issue(self, sub: str, roles: tuple[str, ...], sid: str) -> tuple[str, int]:
-        """A signed access token and its lifetime in seconds."""
+    def issue(self, sub: str, roles: tuple[str, ...], sid: str,
+              extra: tuple[tuple[str, Any], ...] = ()) -> tuple[str, int]:
+        """A signed access token and its lifetime in seconds; ``extra`` are the user's own
+        claims (User.claims), never one of RESERVED_CLAIMS."""
         iat = int(self.clock())
         ttl = int(self.cfg.access_ttl)
         claims = {
+            **{name: value for name, value in extra if name not in RESERVED_CLAIMS},
             "iss": self.cfg.issuer,
             "aud": self.cfg.audience,
             "sub": sub,

@@ -604,3 +604,17 @@ def test_redis_store_urls_are_taken_as_they_are(tmp_path: Path, url: str) -> Non
 def test_a_trailing_newline_does_not_slip_through(tmp_path: Path, old: str, new: str, path: str) -> None:
     found = problems(tmp_path, vary(old, new))
     assert any(p.startswith(f"{path} ") for p in found), found
+
+
+def test_an_upstream_claim_may_not_take_a_name_the_gateway_sets(tmp_path: Path) -> None:
+    text = BASE + """\
+users:
+  source: upstream
+  url: http://127.0.0.1:8000/api/login
+  claims: {tenant: user.tenant, sub: user.name, roles: user.groups}
+"""
+    found = problems(tmp_path, text)
+    assert sorted(p.split(" ")[0] for p in found) == ["users.claims.roles", "users.claims.sub"]
+    assert all("a claim the gateway sets itself" in p for p in found)
+    cfg = load(tmp_path, text.replace(", sub: user.name, roles: user.groups", ""))
+    assert cfg.users.upstream is not None and cfg.users.upstream.claims == (("tenant", "user.tenant"),)

@@ -27,7 +27,7 @@ from gateway import htpasswd
 from gateway.credentials import HTPASSWD_MARK, UPSTREAM_MARK, verify_password
 from gateway.logs import JsonFormatter
 
-from conftest import PASSWORDS, SECRET, Gateway, GatewayFactory
+from conftest import PASSWORDS, SECRET, Gateway, GatewayFactory, Upstream
 
 LENIENT_THROTTLE = {"per_user": 100, "per_ip": 1000}
 
@@ -330,7 +330,10 @@ async def legacy() -> AsyncIterator[Legacy]:
             return web.json_response({"user": {"roles": "admin"}})
         if GOOD.get(name) != password:
             return web.json_response({"error": "bad credentials"}, status=401)
-        return web.json_response({"user": {"name": name, "roles": ["editor", "bad role\r\nX: y", "staff"]}},
+        return web.json_response({"user": {"name": name, "roles": ["editor", "bad role\r\nX: y", "staff"],
+                                           "tenant": "acme", "groups": ["north", "south"], "level": 3,
+                                           "profile": {"nested": "objects are not claims"},
+                                           "bio": "x" * 1000}},
                                  headers={"Set-Cookie": "legacy_session=abc; Path=/"})
 
     app = web.Application()
@@ -402,6 +405,44 @@ async def test_upstream_json(gateway_factory: GatewayFactory, legacy: Legacy,
     formatter = JsonFormatter()
     lines = [formatter.format(record) for record in caplog.records]
     assert lines and not [line for line in lines for p in passwords if p in line]
+
+
+async def test_upstream_claims_are_mapped_into_tokens_and_kept_on_refresh(
+        gateway_factory: GatewayFactory, legacy: Legacy, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    wanted = {"tenant": "user.tenant", "groups": "user.groups", "level": "user.level",
+              "profile": "user.profile", "bio": "user.bio", "missing": "user.nothing.here"}
+
+    def change(raw: dict[str, Any]) -> None:
+        upstream_users(legacy.url, claims=wanted)(raw)
+        raw["routes"].insert(0, {"path": "/acme/**", "access": {"claims": {"tenant": "acme"}}})
+        raw["routes"].insert(0, {"path": "/globex/**", "access": {"claims": {"tenant": "globex"}}})
+        raw["identity_headers"]["X-Auth-Tenant"] = "tenant"
+
+    gw = await gateway_factory(change)
+    status, body, _ = await login(gw, "grace", GOOD["grace"])
+    assert status == 200, body
+    token = claims(body["access_token"])
+    assert {k: token.get(k) for k in wanted} == {"tenant": "acme", "groups": ["north", "south"], "level": 3,
+                                                 "profile": None, "bio": None, "missing": None}
+    assert token["sub"] == "grace"  # the gateway's own claims are its own
+    dropped = {r.fields["claim"] for r in caplog.records  # type: ignore[attr-defined]
+               if r.getMessage() == "upstream_claim_dropped"}
+    assert dropped == {"profile", "bio"}
+
+    # routes decide on them, and identity headers carry them
+    bearer = {"Authorization": f"Bearer {body['access_token']}"}
+    async with gw.http.get(f"{gw.url}/acme/report", headers=bearer) as resp:
+        assert resp.status == 200
+    assert upstream.seen[-1].header("X-Auth-Tenant") == ["acme"]
+    async with gw.http.get(f"{gw.url}/globex/report", headers=bearer) as resp:
+        assert resp.status == 403
+
+    # a refresh carries them without asking the upstream again
+    asked = len(legacy.seen)
+    status, again = await refresh(gw, body["refresh_token"])
+    assert status == 200 and claims(again["access_token"])["groups"] == ["north", "south"]
+    assert len(legacy.seen) == asked
 
 
 async def test_upstream_form(gateway_factory: GatewayFactory, legacy: Legacy) -> None:

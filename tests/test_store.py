@@ -57,6 +57,20 @@ async def test_users_round_trip(store: Store) -> None:
     assert await store.remove_user("bob") and not await store.remove_user("bob")
 
 
+async def test_a_users_claims_round_trip(store: Store) -> None:
+    claims = (("tenant", "acme"), ("level", 3), ("ratio", 0.5), ("staff", True), ("groups", ["a", "b"]))
+    await store.add_user(User("carol", "hash-c", ("user",), created_at=T0, claims=claims))
+    assert (await store.get_user("carol")) == User("carol", "hash-c", ("user",), False, T0, claims)
+    assert await store.update_user("carol", claims=(("tenant", "globex"),))
+    assert (await store.get_user("carol")) == User("carol", "hash-c", ("user",), False, T0, (("tenant", "globex"),))
+    assert await store.update_user("carol", roles=("ops",))  # claims stay as they were
+    assert [u.claims for u in await store.list_users()] == [(("tenant", "globex"),)]
+    # and a refresh reads them with the rest of the user
+    await store.create_session(session(user="carol"), hash_token("c0"))
+    rotated = await store.rotate_refresh(hash_token("c0"), then(hash_token("c1")), T0 + 5, RULES)
+    assert rotated.user is not None and rotated.user.claims == (("tenant", "globex"),)
+
+
 async def test_rotation_outcomes(store: Store) -> None:
     await store.create_session(session(), hash_token("t0"))
     assert (await store.rotate_refresh(hash_token("nope"), then(hash_token("x")), T0, RULES)).outcome == "unknown"
@@ -297,8 +311,9 @@ async def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
     db.close()
     store = await open_store(f"sqlite:{path}")
     try:
-        assert (await store.get_user("old")) is not None  # the data stays
+        assert (await store.get_user("old")) == User("old", "h", created_at=1)  # the data stays
         assert (await store.count_failure("user:old", T0, 60)).count == 1  # and the new table is there
+        assert await store.update_user("old", claims=(("tenant", "acme"),))  # and the claims column
     finally:
         await store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3

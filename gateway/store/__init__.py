@@ -8,10 +8,11 @@ Refresh tokens are never stored, only their SHA-256 hashes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ..errors import UserError
 
@@ -25,6 +26,14 @@ class User:
     roles: tuple[str, ...] = ()
     disabled: bool = False
     created_at: float = 0.0
+    # Claims put into the user's access tokens besides sub and roles (name -> a JSON scalar
+    # or a list of scalars): what an upstream credential check answered (users.claims).
+    claims: tuple[tuple[str, Any], ...] = ()
+
+
+def claims_from_json(text: str | bytes) -> tuple[tuple[str, Any], ...]:
+    """User.claims as the stores keep them: JSON ``[[name, value], ...]``."""
+    return tuple((str(name), value) for name, value in json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ class Store(Protocol):
         password_hash: str | None = None,
         roles: tuple[str, ...] | None = None,
         disabled: bool | None = None,
+        claims: tuple[tuple[str, Any], ...] | None = None,
     ) -> bool:
         """False when there is no such user."""
 

@@ -36,7 +36,18 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError, WatchError
 
 from ..errors import StoreUnavailable, UserError
-from . import Failures, Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
+from . import (
+    Failures,
+    Link,
+    RefreshRules,
+    Revocation,
+    Rotation,
+    Session,
+    Snapshot,
+    User,
+    claims_from_json,
+    judge_refresh,
+)
 
 T = TypeVar("T")
 MARGIN = 86400  # keys outlive their session by a day, longer than any access token
@@ -140,6 +151,7 @@ class RedisStore:
         password_hash: str | None = None,
         roles: tuple[str, ...] | None = None,
         disabled: bool | None = None,
+        claims: tuple[tuple[str, Any], ...] | None = None,
     ) -> bool:
         changes: dict[str, str] = {}
         if password_hash is not None:
@@ -148,6 +160,8 @@ class RedisStore:
             changes["roles"] = json.dumps(list(roles))
         if disabled is not None:
             changes["disabled"] = "1" if disabled else "0"
+        if claims is not None:
+            changes["claims"] = json.dumps(claims)
 
         async def work() -> bool:
             key = self._user_key(name)
@@ -482,13 +496,15 @@ def _seq(entry_id: bytes) -> int:
 
 def _user_fields(user: User) -> dict[str, str]:
     return {"password_hash": user.password_hash, "roles": json.dumps(list(user.roles)),
-            "disabled": "1" if user.disabled else "0", "created_at": repr(user.created_at)}
+            "disabled": "1" if user.disabled else "0", "created_at": repr(user.created_at),
+            "claims": json.dumps(user.claims)}
 
 
 def _user(name: str, f: dict[bytes, bytes]) -> User:
     return User(name=name, password_hash=f[b"password_hash"].decode(),
                 roles=tuple(json.loads(f.get(b"roles", b"[]"))), disabled=f.get(b"disabled") == b"1",
-                created_at=float(f.get(b"created_at", b"0")))
+                created_at=float(f.get(b"created_at", b"0")),
+                claims=claims_from_json(f.get(b"claims", b"[]")))
 
 
 def _session_fields(s: Session) -> dict[str, Any]:

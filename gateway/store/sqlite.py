@@ -21,7 +21,18 @@ from typing import Any
 import aiosqlite
 
 from ..errors import StoreUnavailable, UserError
-from . import Failures, Link, RefreshRules, Revocation, Rotation, Session, Snapshot, User, judge_refresh
+from . import (
+    Failures,
+    Link,
+    RefreshRules,
+    Revocation,
+    Rotation,
+    Session,
+    Snapshot,
+    User,
+    claims_from_json,
+    judge_refresh,
+)
 
 # Each entry moves the schema up one version (PRAGMA user_version). Never edit a released
 # entry; append a new one.
@@ -94,6 +105,7 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
         "CREATE INDEX login_failures_by_end ON login_failures (window_ends)",
     ],
+    ["ALTER TABLE users ADD COLUMN claims TEXT NOT NULL DEFAULT '[]'"],
 ]
 PURGE_BATCH = 500
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -101,7 +113,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _SESSION_COLUMNS = ("id, user, created_at, last_used_at, expires_at, generation, revoked_at, "
                     "revoked_reason, ip, user_agent, chain_key")
 _SESSION_WIDTH = len(_SESSION_COLUMNS.split(","))
-_USER_COLUMNS = "u.name, u.password_hash, u.roles, u.disabled, u.created_at"
+_USER_COLUMNS = "u.name, u.password_hash, u.roles, u.disabled, u.created_at, u.claims"
+_USERS = "SELECT name, password_hash, roles, disabled, created_at, claims FROM users"
 
 
 class SQLiteStore:
@@ -185,10 +198,8 @@ class SQLiteStore:
         try:
             async with self._write() as db:
                 await db.execute(
-                    "INSERT INTO users (name, password_hash, roles, disabled, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (user.name, user.password_hash, json.dumps(list(user.roles)),
-                     int(user.disabled), user.created_at),
+                    "INSERT INTO users (name, password_hash, roles, disabled, created_at, claims) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", _user_row(user),
                 )
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
@@ -197,15 +208,12 @@ class SQLiteStore:
 
     async def get_user(self, name: str) -> User | None:
         async with self._read():
-            row = await self._one(
-                "SELECT name, password_hash, roles, disabled, created_at FROM users WHERE name = ?",
-                (name,))
+            row = await self._one(f"{_USERS} WHERE name = ?", (name,))
         return _user(row) if row else None
 
     async def list_users(self) -> list[User]:
         async with self._read():
-            rows = await self._all(
-                "SELECT name, password_hash, roles, disabled, created_at FROM users ORDER BY name")
+            rows = await self._all(f"{_USERS} ORDER BY name")
         return [_user(row) for row in rows]
 
     async def update_user(
@@ -215,6 +223,7 @@ class SQLiteStore:
         password_hash: str | None = None,
         roles: tuple[str, ...] | None = None,
         disabled: bool | None = None,
+        claims: tuple[tuple[str, Any], ...] | None = None,
     ) -> bool:
         changes: dict[str, Any] = {}
         if password_hash is not None:
@@ -223,6 +232,8 @@ class SQLiteStore:
             changes["roles"] = json.dumps(list(roles))
         if disabled is not None:
             changes["disabled"] = int(disabled)
+        if claims is not None:
+            changes["claims"] = json.dumps(claims)
         if not changes:
             return await self.get_user(name) is not None
         assignments = ", ".join(f"{column} = ?" for column in changes)
@@ -377,8 +388,7 @@ class SQLiteStore:
 
     async def export_state(self, now: float) -> Snapshot:
         async with self._read():
-            users = [_user(row) for row in await self._all(
-                "SELECT name, password_hash, roles, disabled, created_at FROM users ORDER BY name")]
+            users = [_user(row) for row in await self._all(f"{_USERS} ORDER BY name")]
             sessions = [_session(row) for row in await self._all(
                 f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE revoked_at IS NULL AND expires_at > ?", (now,))]
             chains = []
@@ -395,9 +405,8 @@ class SQLiteStore:
                 raise UserError("the target store already has users; move into an empty store")
             for user in snapshot.users:
                 await db.execute(
-                    "INSERT INTO users (name, password_hash, roles, disabled, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (user.name, user.password_hash, json.dumps(list(user.roles)), int(user.disabled),
-                     user.created_at))
+                    "INSERT INTO users (name, password_hash, roles, disabled, created_at, claims) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", _user_row(user))
             for session, links in snapshot.sessions:
                 await db.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -409,7 +418,12 @@ class SQLiteStore:
 
 def _user(row: Sequence[Any]) -> User:
     return User(name=row[0], password_hash=row[1], roles=tuple(json.loads(row[2])),
-                disabled=bool(row[3]), created_at=row[4])
+                disabled=bool(row[3]), created_at=row[4], claims=claims_from_json(row[5]))
+
+
+def _user_row(user: User) -> tuple[Any, ...]:
+    return (user.name, user.password_hash, json.dumps(list(user.roles)), int(user.disabled),
+            user.created_at, json.dumps(user.claims))
 
 
 def _session(row: Sequence[Any]) -> Session:
