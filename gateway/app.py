@@ -62,11 +62,7 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
             log.warning("store_unavailable_at_start", extra={"fields": {"reason": exc.reason}})
         await gw.proxy.start()
         app[GATEWAY] = gw
-        endpoints: dict[str, dict[str, Handler]] = {
-            **auth_api.endpoints(config.auth_prefix, registration=config.registration.enabled),
-            "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz},
-            "/.well-known/jwks.json": {"GET": wellknown.jwks}}
-        app[_ENDPOINTS] = endpoints
+        app[_ENDPOINTS] = own_endpoints(config)
         background = [asyncio.create_task(gw.revocations.run()),
                       asyncio.create_task(_purge_forever(gw))]
         try:
@@ -106,20 +102,14 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     _check_framing(request)
     target = normalize(request.raw_path)
     request[PATH] = target.path
-    own = _own_endpoint(request.app[_ENDPOINTS], target.path)
+    own = own_endpoint(request.app[_ENDPOINTS], gw.config.auth_prefix, target.path)
     if own is None:
-        prefix, path = gw.config.auth_prefix.lower(), target.path.lower()
-        if path == prefix or path.startswith(prefix + "/"):
-            raise NotFound()  # the auth prefix (in any case) belongs to the gateway
         return await pipeline.handle(gw, request, target)
     if origin := cors.allowed_origin(gw.config.auth_cors, request):
         request[CORS] = (gw.config.auth_cors, origin)
     if cors.is_preflight(request):
         return cors.preflight(gw.config.auth_cors, request, set(own))
-    handler = own.get(request.method) or (own.get("GET") if request.method == "HEAD" else None)
-    if handler is None:
-        raise MethodNotAllowed(set(own) | ({"HEAD"} if "GET" in own else set()))
-    return await handler(request)
+    return await own_handler(own, request.method)(request)
 
 
 def _check_framing(request: web.Request) -> None:
@@ -134,14 +124,39 @@ def _check_framing(request: web.Request) -> None:
         raise BadRequest("invalid_request", "The only Transfer-Encoding accepted is chunked.")
 
 
-def _own_endpoint(table: dict[str, dict[str, Handler]], path: str) -> dict[str, Handler] | None:
+def own_endpoints(config: Config) -> dict[str, dict[str, Handler]]:
+    """The gateway's own endpoints: path -> method -> handler (``parent/{id}`` stands for
+    one more non-empty segment)."""
+    return {
+        **auth_api.endpoints(config.auth_prefix, registration=config.registration.enabled),
+        "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz},
+        "/.well-known/jwks.json": {"GET": wellknown.jwks}}
+
+
+def own_endpoint(table: dict[str, dict[str, Handler]], auth_prefix: str, path: str) \
+        -> dict[str, Handler] | None:
     """The gateway's endpoint at ``path``: an exact entry, or ``parent/{id}`` for one more
-    non-empty segment (the handler reads the id from the normalized path)."""
+    non-empty segment (the handler reads the id from the normalized path). None when the
+    path is for the proxied pipeline; NotFound for any other path under the auth prefix (in
+    any case), which belongs to the gateway."""
     own = table.get(path)
     if own is None:
         parent, _, last = path.rpartition("/")
         own = table.get(parent + "/{id}") if last else None
+    if own is None:
+        prefix, folded = auth_prefix.lower(), path.lower()
+        if folded == prefix or folded.startswith(prefix + "/"):
+            raise NotFound()
     return own
+
+
+def own_handler(own: dict[str, Handler], method: str) -> Handler:
+    """The handler of one of the gateway's endpoints for ``method`` (HEAD as GET), or
+    MethodNotAllowed."""
+    handler = own.get(method) or (own.get("GET") if method == "HEAD" else None)
+    if handler is None:
+        raise MethodNotAllowed(set(own) | ({"HEAD"} if "GET" in own else set()))
+    return handler
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -39,7 +39,7 @@ def preflight(cors: Cors | None, request: web.BaseRequest, methods: Set[str]) ->
              if h.strip()}
     if cors is None or origin is None:
         raise Forbidden("cors_denied", "This origin is not allowed here.").because("cors_origin")
-    allowed = cors.methods & methods if methods else cors.methods
+    allowed = preflight_methods(cors, methods)
     if method not in allowed or not asked <= cors.headers:
         raise Forbidden("cors_denied", "This method or header is not allowed here.").because("cors_request")
     response = web.Response(status=204)
@@ -48,6 +48,11 @@ def preflight(cors: Cors | None, request: web.BaseRequest, methods: Set[str]) ->
     response.headers["Access-Control-Allow-Headers"] = ", ".join(sorted(cors.headers))
     response.headers["Access-Control-Max-Age"] = str(cors.max_age)
     return response
+
+
+def preflight_methods(cors: Cors, methods: Set[str]) -> frozenset[str]:
+    """The methods a preflight may ask for: those ``cors`` lists that the endpoint allows."""
+    return cors.methods & methods if methods else cors.methods
 
 
 def mark(response: web.StreamResponse, cors: Cors, origin: str) -> None:
