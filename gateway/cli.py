@@ -33,14 +33,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         out = sys.stdout if args.command == "check" else sys.stderr
+        code = 2 if args.command == "routes" else 1  # explain: 1 means refused
         if len(exc.problems) == 1 and args.command != "check":
             print(f"gateway: error: {exc.problems[0]}", file=out)
-            return 1
+            return code
         if args.command != "check":
             print(f"gateway: {args.config}: {len(exc.problems)} problems in the config:", file=out)
         for problem in exc.problems:
             print(f"  {problem}", file=out)
-        return 1
+        return code
     except UserError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 1
@@ -69,7 +70,25 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     p = sub.add_parser("check", parents=[common], help="validate the config")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too (routes that never match)")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("routes", help="the route table")
+    routes_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    r = routes_sub.add_parser(
+        "explain", parents=[common], help="what the gateway does with one request, and why",
+        description="Which route matches METHOD PATH, what it requires, and the decision for a caller. "
+                    "Exit status: 0 allowed, 1 refused, 2 usage or config error.")
+    r.add_argument("method", metavar="METHOD")
+    r.add_argument("path", metavar="PATH", help="the request target as sent, e.g. '/api/x?y=1'")
+    r.add_argument("--role", action="append", default=[], help="the caller holds this role (repeatable)")
+    r.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE",
+                   help="the caller's token has this claim (repeatable; 3, true, false are read as "
+                        "number and boolean, '\"3\"' as text)")
+    r.add_argument("--authenticated", action="store_true", help="an authenticated caller (even without roles)")
+    r.add_argument("--anonymous", action="store_true", help="a caller without a token (the default)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=_routes_explain)
 
     p = sub.add_parser("demo", help="run a demo: an example app behind a gateway, with demo users")
     p.add_argument("--port", type=int, default=8080, help="the gateway's port (0: any free port)")
@@ -142,10 +161,38 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .explain import route_warnings
+
     cfg = config_module.load(args.config)
-    print(f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams, "
-          f"store {cfg.store.split(':', 1)[0]})")
-    return 0
+    warnings = route_warnings(cfg)
+    summary = f"{len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams, store {cfg.store.split(':', 1)[0]}"
+    if not warnings:
+        print(f"{args.config}: ok ({summary})")
+        return 0
+    count = f"{len(warnings)} warning{'s' if len(warnings) > 1 else ''}"
+    print(f"{args.config}: {count}, failing with --strict:" if args.strict
+          else f"{args.config}: ok ({summary}), {count}:")
+    for warning in warnings:
+        print(f"  warning: {warning}")
+    return 1 if args.strict else 0
+
+
+def _routes_explain(args: argparse.Namespace) -> int:
+    from .explain import Caller, explain
+
+    if args.anonymous and (args.role or args.claim or args.authenticated):
+        print("gateway: error: --anonymous cannot go with --role, --claim or --authenticated", file=sys.stderr)
+        return 2
+    try:
+        claims = _claims(args.claim)
+    except ValueError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
+    authenticated = bool(args.role or args.claim or args.authenticated)
+    caller = Caller(roles=tuple(args.role) if authenticated else None, claims=claims)
+    result = explain(config_module.load(args.config), args.method, args.path, caller)
+    print(json.dumps(result.as_json(), indent=2) if args.json else "\n".join(result.lines()))
+    return 0 if result.allowed else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -243,6 +290,28 @@ def _keys_generate(args: argparse.Namespace) -> int:
     print("add it to tokens.keys (second, to publish it first; see docs/keys.md):")
     print(f"  - {{kid: {made.kid}, algorithm: {made.algorithm}, key_file: {_key_file(made.path, args.config)}}}")
     return 0
+
+
+def _claims(given: list[str]) -> dict[str, Any]:
+    """``--claim NAME=VALUE``s as token claims; a name given twice holds a list."""
+    claims: dict[str, Any] = {}
+    for item in given:
+        name, sep, text = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"--claim {item!r}: expected NAME=VALUE, such as tenant=acme")
+        value: str | int | bool = text
+        if text in {"true", "false"}:
+            value = text == "true"
+        elif re.fullmatch(r"-?[0-9]+", text):
+            value = int(text)
+        elif len(text) >= 2 and text[0] == text[-1] == '"':
+            value = text[1:-1]
+        if name in claims:
+            held = claims[name]
+            claims[name] = [*held, value] if isinstance(held, list) else [held, value]
+        else:
+            claims[name] = value
+    return claims
 
 
 def _algorithm(text: str) -> str:

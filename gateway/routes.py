@@ -10,7 +10,7 @@ that ignores case) can only make a request *more* protected, never less.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
 
 from .config import Access, Route
@@ -91,8 +91,55 @@ def allowed_methods(route: Route) -> set[str]:
     return named
 
 
-def _compile(route: Route) -> _Compiled:
-    fold = not all(a.is_public for a in route.access.values())
+@dataclass(frozen=True)
+class Shadow:
+    """``route`` is never matched: ``by``, earlier in the table, matches every path it would
+    (and, as methods never fall through, answers every request it would have had)."""
+
+    route: Route
+    by: Route
+    # Only as written: ``by`` matches case-sensitively (it is public), so spellings of the
+    # path in another case still reach ``route``, which matches in any case.
+    other_case_only: bool = False
+
+
+def shadowed(routes: tuple[Route, ...]) -> list[Shadow]:
+    """Every route that can never match, each with the first earlier route that takes its
+    paths; and every protective route that an earlier public one takes as written (which
+    only other spellings in case still reach). Conservative: a route is named only when
+    *every* path it matches (as written) is taken."""
+    compiled = [_compile(route) for route in routes]
+    out = []
+    for j, later in enumerate(compiled):
+        earlier = next((c for c in compiled[:j] if _covers(c, later)), None)
+        if earlier is not None:
+            out.append(Shadow(later.route, earlier.route))
+        elif later.fold_case:
+            as_written = _compile(later.route, fold_case=False)
+            earlier = next((c for c in compiled[:j] if _covers(c, as_written)), None)
+            if earlier is not None:
+                out.append(Shadow(later.route, earlier.route, other_case_only=True))
+    return out
+
+
+def _covers(a: _Compiled, b: _Compiled) -> bool:
+    """Whether ``a`` matches every path that ``b`` matches, in the case each matches in."""
+    ap, bp = a.prefix, b.prefix
+    if a.fold_case:
+        bp = bp.lower()
+    elif b.fold_case and ap.lower() != ap.upper():
+        return False  # b also matches spellings in other cases, which a (case-sensitive) does not
+    if a.kind == "any":
+        if not ap:
+            return True
+        return bool(bp) and (bp == ap or bp.startswith(ap + "/"))
+    if b.kind == "exact":
+        return _matches(replace(a, prefix=ap), bp)
+    return a.kind == b.kind == "one" and ap == bp
+
+
+def _compile(route: Route, *, fold_case: bool | None = None) -> _Compiled:
+    fold = not all(a.is_public for a in route.access.values()) if fold_case is None else fold_case
     pattern = route.path.lower() if fold else route.path
     if pattern.endswith("/**"):
         return _Compiled(route, "any", pattern[:-3], fold)

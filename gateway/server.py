@@ -18,6 +18,7 @@ from . import errors, logs
 from .app import create_app
 from .config import Config
 from .errors import UserError
+from .explain import route_warnings
 
 log = logging.getLogger("gateway")
 
@@ -68,6 +69,8 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
     workers = workers or config.workers
     log.info("starting", extra={"fields": {"config": config.source, "host": host, "port": port,
                                            "routes": len(config.routes), "workers": workers}})
+    for warning in route_warnings(config):
+        log.warning("route_never_matched", extra={"fields": {"why": warning}})
     if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
         # e.g. AIOHTTP_NO_EXTENSIONS=1, or a platform without aiohttp's C extension
         log.warning("python_http_parser", extra={"fields": {
