@@ -12,11 +12,12 @@ from typing import Any
 import jwt
 import pytest
 
+import gateway.tokens
 from gateway.config import SigningKey, Tokens
 from gateway.errors import InvalidToken
 from gateway.tokens import AccessTokens
 
-from conftest import SECRET, Gateway, Upstream
+from conftest import SECRET, FakeClock, Gateway, Upstream
 
 ISS, AUD = "https://gateway.test", "app"
 
@@ -222,3 +223,65 @@ def test_float_times_are_valid() -> None:
                           time.time)
     now = time.time()
     assert tokens.verify(sign(claims(iat=now - 0.5, exp=now + 600.5))).sub == "bob"
+
+
+# --- the verified-token cache ---------------------------------------------------------------
+
+
+def cached_tokens(clock: Any = time.time) -> AccessTokens:
+    return AccessTokens(Tokens(issuer=ISS, audience=AUD, leeway=5,
+                               keys=(SigningKey("k1", "HS256", SECRET.encode()),)), clock)
+
+
+def test_a_token_seen_before_is_not_verified_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = cached_tokens()
+    decoded: list[str] = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda token, *a, **k: decoded.append(token) or real_decode(token, *a, **k))
+    token = sign(claims())
+    assert [tokens.verify(token).sub for _ in range(3)] == ["bob"] * 3
+    assert decoded == [token]  # one signature check for three requests
+    # a token differing by one character of its signature is another text: checked, refused
+    head, body, signature = token.split(".")
+    forged = f"{head}.{body}.{signature[:-2]}{'A' if signature[-2] != 'A' else 'B'}{signature[-1]}"
+    with pytest.raises(InvalidToken):
+        tokens.verify(forged)
+    assert decoded == [token, forged]
+    with pytest.raises(InvalidToken):
+        tokens.verify(forged)  # refusals are not kept: checked again, refused again
+    assert decoded == [token, forged, forged]
+
+
+def test_a_cached_token_still_expires() -> None:
+    clock = FakeClock()
+    clock.now = float(int(clock.now))
+    tokens = cached_tokens(clock)
+    token = sign(claims(iat=int(clock.now), exp=int(clock.now) + 60))
+    assert tokens.verify(token).sub == "bob"
+    clock.advance(60 + 5)  # exp + leeway: still valid
+    assert tokens.verify(token).sub == "bob"
+    clock.advance(1)
+    with pytest.raises(InvalidToken) as refused:
+        tokens.verify(token)
+    assert refused.value.reason == "expired"
+
+
+def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway.tokens, "VERIFIED_CACHE_SIZE", 8)
+    tokens = cached_tokens()
+    issued = [sign(claims(jti=f"j{n}")) for n in range(20)]
+    for token in issued:
+        tokens.verify(token)
+    assert list(tokens._verified) == issued[-8:]  # the oldest went first
+
+
+async def test_a_cached_token_of_a_revoked_session_is_refused_at_once(gw: Gateway, upstream: Upstream) -> None:
+    token = await gw.token("alice")
+    bearer = {"Authorization": f"Bearer {token}"}
+    for _ in range(2):
+        async with gw.http.get(f"{gw.url}/profile", headers=bearer) as resp:
+            assert resp.status == 200
+    async with gw.http.post(f"{gw.url}/auth/logout", headers=bearer) as resp:
+        assert resp.status == 204
+    async with gw.http.get(f"{gw.url}/profile", headers=bearer) as resp:
+        assert resp.status == 401
