@@ -16,11 +16,24 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import auth_api, cookies, cors, errors, pipeline, revocations, wellknown
+from . import admin, auth_api, cookies, cors, errors, pipeline, revocations, wellknown
 from .config import Config
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, StoreUnavailable
 from .paths import normalize
-from .state import CLEAR_COOKIES, CORS, ERROR, GATEWAY, IP, PATH, RENEWED, Gateway
+from .reload import LIVE, Live, current_gateway
+from .state import (
+    CLEAR_COOKIES,
+    CORS,
+    ENDPOINT,
+    ERROR,
+    GATEWAY,
+    IP,
+    PATH,
+    RENEWED,
+    REQUEST_ID,
+    STOPPING,
+    Gateway,
+)
 from .store import Store, open_store
 
 log = logging.getLogger("gateway")
@@ -29,24 +42,37 @@ log = logging.getLogger("gateway")
 def create_app(
     config: Config, *, clock: Callable[[], float] = time.time, store: Store | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware, current_gateway])
     app.router.register_resource(_EveryPath(dispatch))
     app.cleanup_ctx.append(_lifecycle(config, clock, store))
+    if config.metrics.enabled and config.metrics.listen is not None:
+        app.cleanup_ctx.append(admin.listener_ctx(config.metrics.listen))
     app.on_response_prepare.append(_session_and_cors_headers)
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(_stopping)
     return app
+
+
+async def _stopping(app: web.Application) -> None:
+    """Shutdown has begun (aiohttp calls this before it waits for the requests in flight):
+    open WebSockets close now (websockets.py), rather than be cut at the shutdown bound."""
+    app[STOPPING].set()
 
 
 async def _session_and_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """What a request learned about the browser's session and origin goes on its answer,
-    whichever answer that is (the upstream's, a refusal, a WebSocket's 101)."""
-    gw = request.app[GATEWAY]
+    whichever answer that is (the upstream's, a refusal, a WebSocket's 101), and so does
+    its request id."""
+    if (request_id := request.get(REQUEST_ID)) is not None:
+        response.headers["X-Request-ID"] = request_id
     renewed = request.get(RENEWED)
     if renewed is not None:
-        cookies.set_access(response, gw.config.cookies, renewed.access_token,
-                           min(int(gw.config.tokens.access_ttl), renewed.max_age))
-        cookies.set_refresh(response, gw.config.cookies, renewed.refresh_token, renewed.max_age)
+        config = request[GATEWAY].config
+        cookies.set_access(response, config.cookies, renewed.access_token,
+                           min(int(config.tokens.access_ttl), renewed.max_age))
+        cookies.set_refresh(response, config.cookies, renewed.refresh_token, renewed.max_age)
     elif request.get(CLEAR_COOKIES):
-        cookies.clear(response, gw.config.cookies)
+        cookies.clear(response, request[GATEWAY].config.cookies)
     if (allowed := request.get(CORS)) is not None:
         cors.mark(response, *allowed)
 
@@ -55,38 +81,34 @@ def _lifecycle(config: Config, clock: Callable[[], float], given: Store | None) 
         -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         store = given if given is not None else await open_store(config.store)
-        gw = Gateway.build(config, store, clock)
+        gw = Gateway.build(config, store, clock, endpoints=own_endpoints(config))
         try:
             await gw.revocations.sync()
         except StoreUnavailable as exc:  # serve anyway: /readyz says so, and the view catches up
             log.warning("store_unavailable_at_start", extra={"fields": {"reason": exc.reason}})
         await gw.proxy.start()
-        app[GATEWAY] = gw
-        app[_ENDPOINTS] = own_endpoints(config)
-        background = [asyncio.create_task(gw.revocations.run()),
-                      asyncio.create_task(_purge_forever(gw))]
+        app[LIVE] = live = Live(gw, endpoints=own_endpoints)
+        background = [asyncio.create_task(gw.revocations.run()),  # one view, whatever reloads
+                      asyncio.create_task(_purge_forever(live))]
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await gw.proxy.close()
-            gw.credentials.close()
+            await live.close()
             if given is None:
                 await store.close()
 
     return ctx
 
 
-_ENDPOINTS = web.AppKey("endpoints", dict[str, dict[str, Handler]])
-
-
-async def _purge_forever(gw: Gateway) -> None:
+async def _purge_forever(live: Live) -> None:
     """Delete sessions that ended long enough ago, so the store does not grow without
     bound. Runs beside request handling, in small batches."""
     while True:
         await asyncio.sleep(revocations.PURGE_INTERVAL)
+        gw = live.current
         try:
             removed = await gw.store.purge(gw.clock(), gw.sessions.rules, gw.revocations.horizon)
         except StoreUnavailable as exc:
@@ -97,14 +119,16 @@ async def _purge_forever(gw: Gateway) -> None:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]  # taken once (reload.current_gateway): one config for the whole request
     request[IP] = gw.proxy.client_ip(request)
+    request[REQUEST_ID] = gw.proxy.request_id(request)
     _check_framing(request)
     target = normalize(request.raw_path)
     request[PATH] = target.path
-    own = own_endpoint(request.app[_ENDPOINTS], gw.config.auth_prefix, target.path)
+    own = own_endpoint(gw.endpoints, gw.config.auth_prefix, target.path)
     if own is None:
         return await pipeline.handle(gw, request, target)
+    request[ENDPOINT] = _ENDPOINT_NAMES.get(target.path, "auth")
     if origin := cors.allowed_origin(gw.config.auth_cors, request):
         request[CORS] = (gw.config.auth_cors, origin)
     if cors.is_preflight(request):
@@ -130,7 +154,13 @@ def own_endpoints(config: Config) -> dict[str, dict[str, Handler]]:
     return {
         **auth_api.endpoints(config.auth_prefix, registration=config.registration.enabled),
         "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz},
-        "/.well-known/jwks.json": {"GET": wellknown.jwks}}
+        "/.well-known/jwks.json": {"GET": wellknown.jwks},
+        **admin.main_listener_endpoints(config.metrics)}
+
+
+# For the access log and the metrics: which own endpoint answered (else one under the auth prefix).
+_ENDPOINT_NAMES = {"/healthz": "health", "/readyz": "health", "/metrics": "metrics",
+                   "/.well-known/jwks.json": "jwks"}
 
 
 def own_endpoint(table: dict[str, dict[str, Handler]], auth_prefix: str, path: str) \
@@ -164,7 +194,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    await request.app[GATEWAY].store.ping()
+    await request[GATEWAY].store.ping()
     return web.json_response({"status": "ready"}, headers={"Cache-Control": "no-store"})
 
 

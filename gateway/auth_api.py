@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
-from . import browser, cookies, errors, users
+from . import browser, cookies, errors, metrics, users
 from .credentials import hash_password
 from .errors import (
     BadRequest,
@@ -65,7 +65,7 @@ def endpoints(prefix: str, *, registration: bool = False) -> dict[str, dict[str,
 
 
 async def login_page(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     next_path = safe_next(request.query.get("next"))
     try:
         authenticate(gw, strip_hop_by_hop(request.raw_headers))
@@ -77,7 +77,7 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
     fields, is_form = await _read_fields(request)
     username, password = fields.get("username"), fields.get("password")
@@ -96,6 +96,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     try:
         await gw.throttle.check(username, ip)
     except TooManyRequests as exc:
+        metrics.login("throttled")
         security.warning("login_throttled", extra={"fields": {"user": username[:64], "ip": ip}})
         if is_form:
             response = _page(gw, safe_next(fields.get("next")), status=429,
@@ -107,6 +108,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         user = await gw.credentials.check(username, password)
     except Unauthorized as exc:
         await gw.throttle.failed(username, ip)
+        metrics.login("failed")
         security.info("login_failed", extra={"fields": {"user": username[:64], "ip": ip,
                                                         "reason": exc.reason}})
         if is_form:
@@ -116,7 +118,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     await gw.throttle.succeeded(username)
     await _end_presented_session(gw, inbound)
     session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
-    security.info("login", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
+    metrics.login("ok")
+    security.info("login_succeeded", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
     if is_form:
         response = web.Response(status=303, headers={"Location": safe_next(fields.get("next")), **_NO_STORE})
     else:
@@ -127,7 +130,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def register(request: web.Request) -> web.StreamResponse:
     """Self-registration (``registration.enabled``): a new user of the store, signed in at
     once. Throttled like a login, and every attempt counts against its address."""
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
     fields, _ = await _read_fields(request)
     username, password = fields.get("username"), fields.get("password")
@@ -160,7 +163,7 @@ _REGISTRATION_PROBLEMS = {
 
 
 async def refresh(request: web.Request) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
     token = cookies.read(strip_hop_by_hop(request.raw_headers), gw.config.cookies.refresh.name)
     if token is None:
@@ -178,7 +181,7 @@ async def refresh(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
     inbound = strip_hop_by_hop(request.raw_headers)
     session_id = None
@@ -204,7 +207,7 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def logout_all(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
     identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
     ended = await gw.sessions.end_all(identity.sub, "logout_all")
@@ -216,14 +219,14 @@ async def logout_all(request: web.Request) -> web.Response:
 
 
 async def me(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
     return web.json_response(identity.claims, headers=_NO_STORE)
 
 
 async def list_sessions(request: web.Request) -> web.Response:
     """The signed-in user's live sessions: where and when each was used."""
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
     now = gw.clock()
     live = [s for s in await gw.store.list_sessions(identity.sub)
@@ -242,7 +245,7 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def end_session(request: web.Request) -> web.Response:
     """End one of the signed-in user's own sessions (another device, say)."""
-    gw = request.app[GATEWAY]
+    gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
     identity = authenticate(gw, strip_hop_by_hop(request.raw_headers))
     session_id = request[PATH].rsplit("/", 1)[1]
@@ -300,7 +303,7 @@ def _signed_in(gw: Gateway, response: web.Response, user: User, session: Session
 async def _read_fields(request: web.Request) -> tuple[dict[str, Any], bool]:
     """The body as fields, and whether it was a form. At most ``limits.auth_body`` bytes
     are read, whether or not the client declared a length."""
-    limit = request.app[GATEWAY].config.limits.auth_body
+    limit = request[GATEWAY].config.limits.auth_body
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge()
     kind = request.content_type

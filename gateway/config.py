@@ -198,6 +198,13 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    enabled: bool = True
+    # A listener of its own for GET /metrics (the main listener then answers it 404).
+    listen: Listen | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Listen
     public_url: str | None
@@ -217,6 +224,9 @@ class Config:
     users: Users = Users()
     registration: Registration = Registration()
     throttle: Throttle = Throttle()
+    metrics: Metrics = Metrics()
+    log_format: str = "json"  # or "text", for reading by eye while developing
+    shutdown_timeout: float = 10.0  # how long requests in flight may take to finish on SIGTERM
     source: str = "<memory>"
 
 
@@ -237,6 +247,7 @@ _HMAC_MIN_BYTES = {"HS256": 32}
 # (users.claims) never take these names.
 RESERVED_CLAIMS = frozenset({"iss", "aud", "sub", "iat", "exp", "nbf", "jti", "sid", "roles"})
 ALGORITHMS = ("HS256", "EdDSA", "ES256", "RS256")
+LOG_FORMATS = ("json", "text")
 # Values that appear in examples and tutorials. A token signed with one of them can be
 # forged by anyone who has read the same page.
 _PLACEHOLDER_SECRETS = {
@@ -247,7 +258,7 @@ _PLACEHOLDER_SECRETS = {
 _TOP_KEYS = {
     "listen", "public_url", "trusted_proxies", "store", "auth_prefix", "upstreams", "tokens",
     "cookies", "users", "identity_headers", "routes", "limits", "websockets", "login_page",
-    "auth_cors", "workers", "registration", "throttle",
+    "auth_cors", "workers", "registration", "throttle", "shutdown_timeout", "metrics", "log_format",
 }
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 _COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
@@ -610,8 +621,34 @@ def _config(r: _Reader, data: Any, source: str) -> Config | None:
         users=users,
         registration=registration,
         throttle=throttle,
+        metrics=_metrics(r, top),
+        log_format=top.text("log_format", "json", choices=LOG_FORMATS).lower(),
+        shutdown_timeout=top.duration("shutdown_timeout", Config.shutdown_timeout, hi=3600),
         source=source,
     )
+
+
+def _metrics(r: _Reader, top: _Section) -> Metrics:
+    m = r.section(top.raw("metrics"), "metrics", {"enabled", "listen"})
+    text = m.text("listen", "")
+    listen = None
+    if text:
+        listen = parse_host_port(text)
+        if listen is None:
+            r.problem(m.at("listen"), f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9100, [::1]:9100)")
+    return Metrics(enabled=m.flag("enabled", True), listen=listen)
+
+
+def parse_host_port(text: str) -> Listen | None:
+    """``HOST:PORT``, with an IPv6 host in brackets; None when it is not one."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None  # an IPv6 address without brackets: where does it end?
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return Listen(host=host, port=int(port))
 
 
 def _public_url(top: _Section) -> str | None:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import http_parser, web
 from aiohttp.web_protocol import RequestHandler
 
-from . import errors, logs
+from . import config as config_module
+from . import errors, logs, metrics, reload
 from .app import create_app
 from .config import Config
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .explain import route_warnings
 
 log = logging.getLogger("gateway")
@@ -58,12 +63,14 @@ _answer_parser_errors_without_echo()
 
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,
-          workers: int | None = None, ready: Callable[[], None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM. ``ready`` is called once the port is listening (with
-    one worker). With several workers, each is a process of its own with its own event loop,
-    all listening on the same port (SO_REUSEPORT: the kernel spreads connections) and
-    sharing the store; this process only watches over them."""
-    logs.setup()
+          workers: int | None = None, ready: Callable[[], None] | None = None,
+          log_format: str | None = None) -> None:
+    """Serve until SIGINT or SIGTERM; reload the config on SIGHUP (gateway/reload.py).
+    ``ready`` is called once the port is listening (with one worker). With several workers,
+    each is a process of its own with its own event loop, all listening on the same port
+    (SO_REUSEPORT: the kernel spreads connections) and sharing the store; this process only
+    watches over them."""
+    logs.setup(fmt=log_format or config.log_format)
     host = host or config.listen.host
     port = port if port is not None else config.listen.port
     workers = workers or config.workers
@@ -81,19 +88,37 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
         return
     if port == 0:
         raise UserError("several workers need a fixed port: each of them listens on it")
-    _supervise(config, host, port, workers)
+    with _shared_metrics():
+        _supervise(config, host, port, workers)
+
+
+@contextlib.contextmanager
+def _shared_metrics() -> Iterator[None]:
+    """Workers count into files in a private directory, made before they are forked and
+    removed at exit, so that a scrape answered by any of them reports all of them."""
+    path = tempfile.mkdtemp(prefix="gateway-metrics-")
+    metrics.use_multiprocess_dir(path)
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None] | None,
                reuse_port: bool) -> None:
+    app = create_app(config)
+    app.cleanup_ctx.append(reload.on_sighup)
+    # On SIGINT/SIGTERM aiohttp stops listening, closes idle connections, lets the requests
+    # in flight finish for up to shutdown_timeout (then cancels them), and only then runs
+    # the cleanup contexts, which close the store.
     web.run_app(
-        create_app(config),
+        app,
         host=host,
         port=port,
         reuse_port=reuse_port,
         **HANDLER_OPTIONS,
         print=(lambda _banner: ready()) if ready else None,
-        shutdown_timeout=10,
+        shutdown_timeout=config.shutdown_timeout,
     )
 
 
@@ -110,33 +135,59 @@ def _worker(config: Config, host: str, port: int) -> None:
 
 def _supervise(config: Config, host: str, port: int, count: int) -> None:
     """Start ``count`` workers; restart one that dies; on SIGINT/SIGTERM, stop them all
-    (each finishes its requests in flight) and return."""
+    (each finishes its requests in flight) and return. SIGHUP is passed on to every worker,
+    and each reloads its config; a worker started later starts with the last config that
+    could be reloaded."""
     context = multiprocessing.get_context("fork")
     stopping = False
+    reload_asked = False
     started_at = time.monotonic()
+    stop_by = float("inf")
 
     def start(n: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(target=_worker, args=(config, host, port), name=f"gateway-worker-{n}")
-        process.start()
+        # The worker starts with SIGHUP blocked (and so pending, not lost, until its own
+        # handler is in place: reload.on_sighup); this process's handler is not for it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return process
 
     workers = {n: start(n) for n in range(count)}
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_by
         stopping = True
+        stop_by = min(stop_by, time.monotonic() + config.shutdown_timeout + 15)
         for process in workers.values():
             if process.exitcode is None:
                 process.terminate()
 
+    def hangup(signum: int, frame: object) -> None:
+        nonlocal reload_asked
+        reload_asked = True
+        for process in workers.values():
+            if process.exitcode is None and process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     while workers:
+        if reload_asked:
+            reload_asked = False
+            config = _reloadable(config)
         for n, process in list(workers.items()):
+            if stopping and time.monotonic() > stop_by and process.exitcode is None:
+                process.kill()  # past its shutdown_timeout and then some: stuck
             process.join(timeout=0.2)
             if process.exitcode is None:
                 continue
             del workers[n]
+            if process.pid is not None:
+                metrics.process_dead(process.pid)
             if stopping:
                 continue
             if time.monotonic() - started_at < 5:
@@ -147,3 +198,13 @@ def _supervise(config: Config, host: str, port: int, count: int) -> None:
                                 f"is {host}:{port} free?")
             log.warning("worker_exited", extra={"fields": {"worker": n, "code": process.exitcode}})
             workers[n] = start(n)
+
+
+def _reloadable(config: Config) -> Config:
+    """The config file as it is now, if a reload would take it; else ``config``. (Each
+    worker reloads, and logs the outcome, itself.)"""
+    try:
+        new = config_module.load(config.source)
+    except ConfigError:
+        return config
+    return config if reload.restart_needed(config, new) else new

@@ -1,12 +1,15 @@
-"""The gateway's parts, built once from one config: what every handler reaches through
-``request.app[GATEWAY]``."""
+"""The gateway's parts, built from one config: what every handler reaches through
+``request[GATEWAY]``. A reload (gateway/reload.py) builds a new one beside the old; each
+request keeps the one it started with."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .config import Config, Route
 from .credentials import Credentials
@@ -31,10 +34,23 @@ class Gateway:
     proxy: Proxy
     revocations: Revocations
     throttle: LoginThrottle
+    # The gateway's own endpoints for this config: path -> method -> handler.
+    endpoints: dict[str, dict[str, Handler]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, config: Config, store: Store, clock: Callable[[], float]) -> Gateway:
-        revocations = Revocations(store, clock, horizon(config.tokens.access_ttl, config.tokens.leeway))
+    def build(cls, config: Config, store: Store, clock: Callable[[], float], *,
+              endpoints: dict[str, dict[str, Handler]] | None = None,
+              revocations: Revocations | None = None, credentials: Credentials | None = None) -> Gateway:
+        """The parts for ``config``. A reload passes the running revocation view (one per
+        process: its state and its poller outlive any config) and, when ``users`` did not
+        change, the running credentials (their hashing threads and htpasswd watcher)."""
+        if revocations is None:
+            revocations = Revocations(store, clock, horizon(config.tokens.access_ttl, config.tokens.leeway))
+        else:
+            # Only ever longer: tokens issued under the old, longer access_ttl are still
+            # alive, and their revoked sessions must stay remembered until they expire.
+            revocations.horizon = max(revocations.horizon,
+                                      horizon(config.tokens.access_ttl, config.tokens.leeway))
         return cls(
             config=config,
             store=store,
@@ -42,14 +58,16 @@ class Gateway:
             routes=RouteTable(config.routes),
             tokens=AccessTokens(config.tokens, clock),
             sessions=Sessions(store, config.tokens, clock, revocations),
-            credentials=Credentials(store, config.users, clock),
+            credentials=credentials or Credentials(store, config.users, clock),
             proxy=Proxy(config),
             revocations=revocations,
             throttle=LoginThrottle(store, config.throttle, clock),
+            endpoints=endpoints or {},
         )
 
 
-GATEWAY = web.AppKey("gateway", Gateway)
+GATEWAY = web.RequestKey("gateway", Gateway)  # the gateway this request uses, start to end
+STOPPING = web.AppKey("stopping", asyncio.Event)  # set when the server begins to shut down
 
 @dataclass(frozen=True)
 class Renewal:
@@ -69,3 +87,5 @@ ERROR = web.RequestKey("error", str)  # why the request was refused, for logs on
 RENEWED = web.RequestKey("renewed", Renewal)  # set these session cookies on the answer
 CLEAR_COOKIES = web.RequestKey("clear_cookies", bool)  # clear the session cookies on the answer
 CORS = web.RequestKey("cors", tuple)  # (Cors, origin): an allowed other origin asked
+REQUEST_ID = web.RequestKey("request_id", str)  # see Proxy.request_id
+ENDPOINT = web.RequestKey("endpoint", str)  # which own endpoint answered: auth, health, metrics, jwks

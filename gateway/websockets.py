@@ -24,7 +24,9 @@ A socket opened with an access token lives no longer than the token's session. I
 on both hops with **1008 (policy violation)**, reason ``session revoked`` or
 ``token expired``, when its session is revoked or once the gateway's clock passes the
 token's ``exp`` plus ``websockets.expiry_grace`` (a client that wants to stay connected
-refreshes and reconnects). Both are checked every ``CHECK_INTERVAL`` (250 ms) against this
+refreshes and reconnects). When the gateway shuts down (SIGTERM), every open socket is
+closed at once on both hops with **1001 (going away)**, reason ``server shutting down``,
+rather than held open until the shutdown bound cuts it. Both are checked every ``CHECK_INTERVAL`` (250 ms) against this
 process's revocation view, which is itself at most 250 ms behind the store (revocations.py):
 a revocation closes the socket within about half a second, a logout on the same process
 within 250 ms (plus the upstream's answer to its close, as above). Sockets on public routes
@@ -43,10 +45,12 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
+from . import metrics
 from .config import Route
 from .errors import BadGateway, BadRequest, GatewayTimeout
 from .paths import Target
-from .state import Gateway
+from .proxy import error_kind
+from .state import STOPPING, Gateway
 from .tokens import Identity
 
 log = logging.getLogger("gateway.websockets")
@@ -81,7 +85,7 @@ async def relay(
         client = web.WebSocketResponse(protocols=(chosen,) if chosen else (), autoclose=False,
                                        timeout=CLOSE_TIMEOUT)
         await client.prepare(request)
-        await _run(gw, client, upstream, identity)
+        await _run(gw, client, upstream, identity, request.app[STOPPING])
         return client
     finally:
         if not upstream.closed:  # a client gone before its 101, or the handler cancelled
@@ -103,10 +107,13 @@ async def _dial(
                 url, headers=sent, protocols=offered, autoclose=False,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT))
     except TimeoutError:
+        metrics.upstream_error("timeout")
         raise GatewayTimeout().because(f"timeout:{upstream.name}") from None
     except aiohttp.WSServerHandshakeError as exc:
+        metrics.upstream_error("invalid_response")
         raise BadGateway().because(f"ws_refused:{exc.status}:{upstream.name}") from None
     except aiohttp.ClientError as exc:
+        metrics.upstream_error(error_kind(exc))
         raise BadGateway().because(f"{exc.__class__.__name__}:{upstream.name}") from None
 
 
@@ -120,11 +127,12 @@ class _End:
 
 
 async def _run(gw: Gateway, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,
-               identity: Identity | None) -> None:
-    """Relay messages both ways until a side closes or goes away, or the session ends; then
-    close both sides."""
+               identity: Identity | None, stopping: asyncio.Event) -> None:
+    """Relay messages both ways until a side closes or goes away, the session ends or the
+    gateway shuts down; then close both sides."""
     tasks = [asyncio.create_task(_pump(client, upstream, "client", "upstream")),
-             asyncio.create_task(_pump(upstream, client, "upstream", "client"))]
+             asyncio.create_task(_pump(upstream, client, "upstream", "client")),
+             asyncio.create_task(_shutdown(stopping))]
     if identity is not None:
         tasks.append(asyncio.create_task(_expiry(gw, identity)))
     try:
@@ -176,6 +184,11 @@ async def _expiry(gw: Gateway, identity: Identity) -> _End:
         if gw.clock() > deadline:
             return _End("gateway", POLICY_CLOSE, "token expired")
         await asyncio.sleep(CHECK_INTERVAL)
+
+
+async def _shutdown(stopping: asyncio.Event) -> _End:
+    await stopping.wait()
+    return _End("gateway", WSCloseCode.GOING_AWAY, "server shutting down")
 
 
 async def _close(ws: Socket, code: int, reason: str = "") -> None:

@@ -30,7 +30,7 @@ def _matches(if_none_match: str, etag: str) -> bool:
 
 
 async def jwks(request: web.Request) -> web.Response:
-    body, etag = document(request.app[GATEWAY].tokens.jwks())
+    body, etag = document(request[GATEWAY].tokens.jwks())
     headers = {"Cache-Control": CACHE_CONTROL, "ETag": etag}
     if any(_matches(value, etag) for value in request.headers.getall("If-None-Match", ())):
         return web.Response(status=304, headers=headers)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gateway import users
+from gateway.reload import LIVE
 from gateway.sessions import hash_token
-from gateway.state import GATEWAY
 from gateway.store import RefreshRules, Session
 
 from conftest import Gateway, GatewayFactory
@@ -134,7 +134,7 @@ async def test_revocations_leave_the_view_after_the_horizon(gw: Gateway) -> None
     async with gw.http.post(f"{gw.url}/auth/logout", headers={"Authorization": f"Bearer {login['access_token']}"}) as resp:
         assert resp.status == 204
     sid = (await gw.store.session_of_refresh(hash_token(login["refresh_token"]))).id  # type: ignore[union-attr]
-    view = gw.app[GATEWAY].revocations
+    view = gw.app[LIVE].current.revocations
     assert view.horizon == 900 + 5 + 60  # access_ttl + leeway + a minute of clock disagreement
     gw.clock.advance(900 + 5 + 59)
     await view.sync()
