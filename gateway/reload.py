@@ -140,9 +140,10 @@ async def current_gateway(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def on_sighup(app: web.Application) -> AsyncIterator[None]:
-    """A cleanup context for a serving process: SIGHUP reloads the config. A worker is
-    started with SIGHUP blocked (server._supervise), so that one sent before this handler is
-    in place waits for it instead of being lost."""
+    """A cleanup context for a serving process: SIGHUP reloads the config. The process
+    serves with SIGHUP blocked until this handler is in place (server._serve_one), so that
+    one sent while it starts waits for it, instead of ending the process or being lost;
+    once the server is shutting down, SIGHUP is ignored."""
     loop = asyncio.get_running_loop()
     live = app[LIVE]
     pending: set[asyncio.Task[bool]] = set()
@@ -158,4 +159,5 @@ async def on_sighup(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         await asyncio.gather(*pending, return_exceptions=True)

@@ -106,6 +106,7 @@ def _shared_metrics() -> Iterator[None]:
 
 def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None] | None,
                reuse_port: bool) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until reload.on_sighup unblocks it
     app = create_app(config)
     app.cleanup_ctx.append(reload.on_sighup)
     # On SIGINT/SIGTERM aiohttp stops listening, closes idle connections, lets the requests
