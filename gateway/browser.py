@@ -29,11 +29,11 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import cookies
+from . import cookies, metrics
 from .errors import Forbidden, Unauthorized
 from .paths import Target
 from .sessions import RefreshRefused
-from .state import CLEAR_COOKIES, IP, RENEWED, Gateway, Renewal
+from .state import CLEAR_COOKIES, ERROR, IP, RENEWED, Gateway, Renewal
 from .tokens import Identity
 
 security = logging.getLogger("gateway.security")
@@ -76,7 +76,10 @@ async def refresh_at_edge(gw: Gateway, request: web.Request, inbound: CIMultiDic
 def unauthenticated(gw: Gateway, request: web.Request, inbound: CIMultiDict[str], target: Target,
                     refused: Unauthorized) -> web.Response:
     """What a request without a usable session gets: for a page load, the sign-in page (or,
-    arriving from another site, one same-origin reload first); for anything else, the 401."""
+    arriving from another site, one same-origin reload first); for anything else, the 401.
+    Every refused access token of a proxied request passes here, and is counted."""
+    metrics.auth_failure(refused.reason)
+    request[ERROR] = refused.reason  # for the access log, whichever answer follows
     if not is_navigation(request.method, inbound):
         raise refused
     if (inbound.get("Sec-Fetch-Site", "").lower() == "cross-site"

@@ -1,4 +1,5 @@
-"""Logs: JSON lines on stdout, one per request (the access log) and one per security event.
+"""Logs: JSON lines on stdout (or ``log_format: text``, for reading by eye), one per request
+(the access log, ``gateway.access``) and one per security event (``gateway.security``).
 
 Fields come from ``extra={"fields": {...}}``. Nothing here ever receives a token, a cookie
 value, a password or the query string: the access log takes the normalized path, which
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -17,7 +19,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .state import ERROR, IP, PATH, ROUTE, USER
+from . import metrics
+from .state import ENDPOINT, ERROR, IP, PATH, REQUEST_ID, ROUTE, USER
+
+FORMATS = ("json", "text")
+_NEEDS_QUOTES = re.compile(r"\s")
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,15 +43,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def setup(level: str = "INFO") -> None:
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER EVENT key=value ...``: the same fields as JSON, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        parts = [stamp, f"{record.levelname:<7}", record.name, record.getMessage()]
+        for key, value in getattr(record, "fields", {}).items():
+            if value is not None:
+                text = value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
+                parts.append(f"{key}={json.dumps(text) if not text or _NEEDS_QUOTES.search(text) else text}")
+        line = " ".join(parts)
+        if record.exc_info and record.exc_info[0] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # aiohttp's own access logger is replaced by AccessLog below
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(_redact_parser_errors)
+
+
+def setup_commands() -> None:
+    """For the commands other than ``run``: their security events (sessions ended, a
+    password changed) as JSON lines on stderr, apart from the command's answer on stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    security = logging.getLogger("gateway.security")
+    security.handlers[:] = [handler]
+    security.setLevel(logging.INFO)
+    security.propagate = False
 
 
 def _redact_parser_errors(record: logging.LogRecord) -> bool:
@@ -58,18 +91,25 @@ def _redact_parser_errors(record: logging.LogRecord) -> bool:
 
 
 class AccessLog(AbstractAccessLogger):
+    """The one place that sees every answer with its route, status and duration: it writes
+    the access log line and counts the request in the metrics."""
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         route = request.get(ROUTE)
+        # a proxied route's index; else which of the gateway's own endpoints; else none
+        label = str(route.index) if route is not None else request.get(ENDPOINT, "none")
+        metrics.request(label, response.status, time)
         self.logger.info("request", extra={"fields": {
+            "request_id": request.get(REQUEST_ID),
             "method": request.method,
             "path": request.get(PATH, "-"),
-            "route": route.index if route is not None else None,
+            "route": label,
             "upstream": route.upstream if route is not None else None,
             "status": response.status,
             "duration_ms": round(time * 1000, 2),
             "user": request.get(USER),
             "error": request.get(ERROR),
             "ip": request.get(IP, request.remote),
-            "bytes_in": request.content_length,
+            "bytes_in": request.content.total_bytes,
             "bytes_out": response.body_length,
         }})

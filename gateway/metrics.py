@@ -32,20 +32,28 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 STATUS_CLASSES: Final = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx"})
 OWN_ROUTES: Final = frozenset({"auth", "health", "metrics", "jwks", "none"})
 UPSTREAM_ERROR_KINDS: Final = frozenset({"connect", "timeout", "reset", "invalid_response", "tls"})
+# Why a proxied request's access token was refused (tokens.py and pipeline.py give these).
 AUTH_FAILURE_REASONS: Final = frozenset(
     {
         "missing",
         "malformed",
+        "ambiguous_credentials",
+        "unknown_kid",
+        "bad_header",
+        "bad_signature",
+        "bad_time_claims",
         "expired",
         "not_yet_valid",
-        "unknown_kid",
-        "bad_signature",
+        "lifetime_too_long",
+        "wrong_issuer",
+        "wrong_audience",
         "bad_claims",
         "revoked",
-        "forbidden",
     }
 )
-REFRESH_OUTCOMES: Final = frozenset({"rotated", "reused", "expired", "revoked", "invalid"})
+_AUTH_FAILURE_NAMES: Final = {"unauthorized": "missing", "session_revoked": "revoked"}
+# grace: a just-rotated token presented again within reuse_grace (answered, not rotated)
+REFRESH_OUTCOMES: Final = frozenset({"rotated", "grace", "reused", "expired", "revoked", "invalid"})
 LOGIN_OUTCOMES: Final = frozenset({"ok", "failed", "throttled"})
 RELOAD_OUTCOMES: Final = ("ok", "failed")
 
@@ -154,6 +162,7 @@ def upstream_error(kind: str) -> None:
 
 
 def auth_failure(reason: str) -> None:
+    reason = _AUTH_FAILURE_NAMES.get(reason, reason)
     _m.auth_failures.labels(_bounded(reason, AUTH_FAILURE_REASONS)).inc()
 
 

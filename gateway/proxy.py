@@ -9,8 +9,9 @@ Header rules, in the order they apply:
 2. What the upstream must only hear from the gateway goes next: identity headers (every
    case and every copy), ``Authorization``, the gateway's cookies, method-override and
    URL-rewrite headers, and forwarding headers unless the peer is a trusted proxy.
-3. The gateway then sets identity and ``X-Forwarded-*`` headers itself, and, on a route
-   with ``forward_token: true``, ``Authorization: Bearer`` with the verified access token.
+3. The gateway then sets identity, ``X-Forwarded-*`` and ``X-Request-ID`` headers itself,
+   and, on a route with ``forward_token: true``, ``Authorization: Bearer`` with the verified
+   access token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterator, Iterable
 from urllib.parse import urlsplit
 
@@ -26,7 +29,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import cookies
+from . import cookies, metrics
 from .config import Config, Route
 from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from .paths import Target
@@ -53,6 +56,8 @@ NEVER_FORWARDED = frozenset({
     "x-method-override", "x-original-url", "x-rewrite-url", "x-original-uri",
 })
 CHUNK = 64 * 1024
+# A request id we pass on: up to 128 visible ASCII characters (no space, no control).
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 def canonical(name: str) -> str:
@@ -90,6 +95,19 @@ def _prefixed_cookie_path(header: str, prefix: str) -> str:
         if sep and key.lower() == "path" and value.startswith("/"):
             parts[i] = f" Path={prefix if value == '/' else prefix + value}"
     return ";".join(parts)
+
+
+def error_kind(exc: aiohttp.ClientError) -> str:
+    """The kind of an upstream failure, for the metrics: one of metrics.UPSTREAM_ERROR_KINDS."""
+    if isinstance(exc, (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError)):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"  # refused, unreachable, no such host
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return "reset"  # the connection dropped before or while answering
+    return "invalid_response"  # a malformed status line, headers or body
 
 
 def strip_hop_by_hop(raw_headers: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
@@ -167,6 +185,16 @@ class Proxy:
                 return hop
         return peer
 
+    def request_id(self, request: web.BaseRequest) -> str:
+        """The request's ``X-Request-ID``: the one a trusted proxy sent, if it is one value
+        of sane shape; otherwise a new one. Anyone else's would let a client put what it
+        likes into the logs and the upstream's idea of which request is which."""
+        if self.is_trusted(request.remote):
+            sent = request.headers.getall("X-Request-ID", ())
+            if len(sent) == 1 and _REQUEST_ID.fullmatch(sent[0]):
+                return sent[0]
+        return secrets.token_hex(16)
+
     def upstream_headers(
         self, request: web.BaseRequest, inbound: CIMultiDict[str], identity: Identity | None
     ) -> CIMultiDict[str]:
@@ -174,7 +202,8 @@ class Proxy:
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in inbound.items():
             lower, canon = name.lower(), canonical(name)
-            if canon in self._always_drop or (canon in FORWARDING and (not trusted or lower != canon)):
+            if canon in self._always_drop or canon == "x-request-id" \
+                    or (canon in FORWARDING and (not trusted or lower != canon)):
                 continue  # every spelling of a header the upstream may only hear from us
             if lower == "cookie":
                 value = cookies.without(value, self._own_cookies)
@@ -195,6 +224,10 @@ class Proxy:
                 # forward_token: the upstream hears the token the gateway verified, never
                 # the client's own Authorization (dropped above with every other spelling).
                 out["Authorization"] = f"Bearer {identity.token}"
+        from .state import REQUEST_ID  # noqa: PLC0415 (state imports this module)
+
+        if isinstance(request, web.Request) and REQUEST_ID in request:
+            out["X-Request-ID"] = request[REQUEST_ID]
         peer = request.remote or ""
         prior = inbound.get("X-Forwarded-For") if trusted else None
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -236,10 +269,12 @@ class Proxy:
                 timeout=timeout,
             )
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            metrics.upstream_error("timeout")
             raise GatewayTimeout().because(f"timeout:{upstream.name}") from None
         except aiohttp.ClientError as exc:
             if isinstance(exc.__cause__, PayloadTooLarge) or isinstance(exc.__context__, PayloadTooLarge):
                 raise PayloadTooLarge().because("chunked_body_over_limit") from None
+            metrics.upstream_error(error_kind(exc))
             raise BadGateway().because(f"{exc.__class__.__name__}:{upstream.name}") from None
         try:
             return await self._relay(request, answer, route)
@@ -290,6 +325,7 @@ class Proxy:
             # Headers are out; the only honest signal left is to cut the connection, so the
             # client sees a truncated body rather than a complete-looking one.
             log.warning("upstream_aborted", extra={"fields": {"reason": exc.__class__.__name__}})
+            metrics.upstream_error("timeout" if isinstance(exc, asyncio.TimeoutError) else error_kind(exc))
             if request.transport is not None:
                 request.transport.abort()
             return response

@@ -23,6 +23,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import metrics
 from .config import Tokens
 from .errors import Unauthorized
 from .revocations import Revocations
@@ -94,6 +95,7 @@ class Sessions:
         logged as the security event ``refresh_token_reused`` (user, sid, ip; never the
         token), whoever asked: the refresh endpoint or a renewal at the edge."""
         if not _REFRESH_TOKEN.fullmatch(token):
+            metrics.refresh("invalid")
             raise RefreshRefused(*_REFUSALS["unknown"]).because("malformed")
         rotation = await self.store.rotate_refresh(
             hash_token(token), lambda chain_key: hash_token(successor(chain_key, token)),
@@ -103,12 +105,15 @@ class Sessions:
                 "user": rotation.session.user, "sid": rotation.session.id, "ip": ip}})
             await self.revocations.sync()
         if rotation.outcome not in ("rotated", "grace") or rotation.session is None:
+            metrics.refresh("invalid" if rotation.outcome == "unknown" else rotation.outcome)
             raise RefreshRefused(*_REFUSALS[rotation.outcome]).because(rotation.outcome)
         session, user = rotation.session, rotation.user
         new_token = successor(session.chain_key, token)
         if user is None or user.disabled:
+            metrics.refresh("revoked")
             await self.end(session.id, "user_disabled")
             raise RefreshRefused(*_REFUSALS["revoked"]).because("user_disabled")
+        metrics.refresh(rotation.outcome)
         return Refreshed(session, user, new_token)
 
     async def end(self, session_id: str, reason: str) -> bool:

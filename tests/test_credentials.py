@@ -38,7 +38,7 @@ def claims(token: str) -> dict[str, Any]:
 
 async def login(gw: Gateway, username: str, password: str, *, form: bool = False) \
         -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, JSON body and headers (less Date) of a login."""
+    """Status, JSON body and headers (less Date and the per-request X-Request-ID) of a login."""
     kwargs: dict[str, Any] = {"data": {"username": username, "password": password},
                               "headers": {"Cookie": "gw_probe=1"}} if form else \
         {"json": {"username": username, "password": password}}
@@ -46,7 +46,7 @@ async def login(gw: Gateway, username: str, password: str, *, form: bool = False
         body = await resp.json() if resp.content_type == "application/json" else {}
         if resp.status == 200:
             body["refresh_token"] = resp.cookies["gw_refresh"].value
-        headers = {k: v for k, v in resp.headers.items() if k.lower() != "date"}
+        headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("date", "x-request-id")}
         return resp.status, body, headers
 
 

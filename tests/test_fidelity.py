@@ -12,13 +12,15 @@ What httpbin *sees* (its echo of the request; ``?show_env=1`` makes it show the
 ``X-Forwarded-*`` headers it hides by default) differs in:
 
 * ``X-Forwarded-For``, ``X-Forwarded-Proto``, ``X-Forwarded-Host``: set by the gateway.
+* ``X-Request-ID``: made by the gateway for each request (the client here is no trusted proxy).
 * ``X-Auth-User``, ``X-Auth-Roles``: the gateway's identity headers, on authenticated routes.
 * ``Authorization``: the client's bearer token stays at the gateway.
 
 These are not waved through: the direct request carries exactly what the gateway is expected
 to add (``X-Forwarded-For: 127.0.0.1``, ``X-Forwarded-Proto: http`` and ``X-Forwarded-Host:
-gateway.test`` from conftest's ``public_url``, and alice's identity, in the order the gateway
-appends them), and only the gateway's request carries ``Authorization``. The echoes must then
+gateway.test`` from conftest's ``public_url``, alice's identity, and the request id the
+gateway made, in the order the gateway appends them: the request through the gateway goes
+first, so that its id is known), and only the gateway's request carries ``Authorization``. The echoes must then
 be equal byte for byte, which checks the values the gateway adds and that it adds, drops or
 reorders nothing else. ``Host`` needs no allowance: the gateway sends the upstream's own
 authority, as the direct request does.
@@ -39,6 +41,9 @@ Response headers a proxy may legitimately change, and so not compared:
 * ``Transfer-Encoding``: hop-by-hop framing, checked on its own terms instead: a
   ``Content-Length`` crosses unchanged, and a body that the upstream sent chunked comes out
   chunked (streamed, not buffered to learn its length).
+
+* ``X-Request-ID``: the gateway's answer carries the id it sent upstream; checked on its own
+  (exactly one, and the one the upstream saw), then left out of the comparison.
 
 Nothing else is tolerated: ``Server`` stays the upstream's, ``Content-Encoding`` and the
 compressed bytes are the upstream's, ``Location`` and every ``Set-Cookie`` are untouched
@@ -113,6 +118,13 @@ def httpbin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 FORWARDED = (("X-Forwarded-For", "127.0.0.1"), ("X-Forwarded-Proto", "http"),
              ("X-Forwarded-Host", "gateway.test"))
 IDENTITY = (("X-Auth-User", "alice"), ("X-Auth-Roles", "user"))
+
+
+def request_id(proxied: Answer) -> tuple[tuple[str, str], ...]:
+    """The request id the gateway made (and sent upstream, after the identity headers)."""
+    [made] = proxied.values("X-Request-ID")
+    return (("X-Request-ID", made),)
+
 BASE = (("Accept", "*/*"), ("Accept-Encoding", "gzip, deflate, br"), ("User-Agent", "fidelity-test/1"))
 TOLERATED = frozenset({"date", "connection", "keep-alive", "transfer-encoding"})
 
@@ -262,13 +274,13 @@ async def fetch(http: aiohttp.ClientSession, base: str, case: Case,
 async def both(http: aiohttp.ClientSession, httpbin_url: str, gateway: Gateway, case: Case,
                token: str = "") -> tuple[Answer, Answer]:
     """(direct, through the gateway), the direct one carrying what the gateway adds."""
-    direct_extra: tuple[tuple[str, str], ...] = FORWARDED
+    identity: tuple[tuple[str, str], ...] = ()
     gateway_extra: tuple[tuple[str, str], ...] = ()
     if case.auth:
-        direct_extra += IDENTITY
+        identity = IDENTITY
         gateway_extra = (("Authorization", f"Bearer {token or await gateway.token('alice')}"),)
-    direct = await fetch(http, httpbin_url, case, direct_extra)
     proxied = await fetch(http, gateway.url, case, gateway_extra)
+    direct = await fetch(http, httpbin_url, case, identity + request_id(proxied) + FORWARDED)
     return direct, proxied
 
 
@@ -289,7 +301,8 @@ def assert_same(direct: Answer, proxied: Answer) -> None:
     a, b = _masked_body(direct), _masked_body(proxied)
     assert a == b, _first_difference(a, b)
     kept = [(k, v) for k, v in direct.headers if k.lower() not in TOLERATED]
-    assert [(k, v) for k, v in proxied.headers if k.lower() not in TOLERATED] == kept
+    assert direct.values("X-Request-ID") == [] and len(proxied.values("X-Request-ID")) == 1
+    assert [(k, v) for k, v in proxied.headers if k.lower() not in TOLERATED | {"x-request-id"}] == kept
     assert len(proxied.values("Date")) == len(direct.values("Date")) == 1
     # Framing: a Content-Length crosses unchanged; a chunked body stays chunked (streamed).
     assert proxied.values("Content-Length") == direct.values("Content-Length")
@@ -336,7 +349,8 @@ async def test_the_echo_shows_exactly_what_the_gateway_adds(
     seen_direct = json.loads(direct.body)["headers"]
     seen_proxied = json.loads(proxied.body)["headers"]
     added = {k: v for k, v in seen_proxied.items() if seen_direct.get(k) != v}
-    assert added == dict(FORWARDED + IDENTITY)
+    [made] = proxied.values("X-Request-ID")  # what the upstream saw is what the answer says
+    assert added == dict(FORWARDED + IDENTITY) | {"X-Request-Id": made}
     assert set(seen_direct) <= set(seen_proxied)
     assert "Authorization" not in seen_proxied
 
@@ -420,13 +434,13 @@ async def test_expect_100_continue_upload(httpbin_url: str, gateway: Gateway) ->
     path = "/anything/upload?show_env=1"
     token = await gateway.token("alice")
     sent = (*BASE, ("Content-Type", "application/octet-stream"))
-    direct = await raw_exchange(URL(httpbin_url).port or 80, "POST", path, sent + IDENTITY + FORWARDED,
-                                body, expect=True)
     proxied = await raw_exchange(gateway.port, "POST", path, sent + (("Authorization", f"Bearer {token}"),),
                                  body, expect=True)
+    direct = await raw_exchange(URL(httpbin_url).port or 80, "POST", path,
+                                sent + IDENTITY + request_id(proxied.answer) + FORWARDED, body, expect=True)
     assert direct.interim == proxied.interim == b"HTTP/1.1 100 Continue"
     assert proxied.answer.status == direct.answer.status == 200
-    drop = TOLERATED | {"content-length"}  # the echo is one header shorter: see below
+    drop = TOLERATED | {"content-length", "x-request-id"}  # the echo is one header shorter: see below
     assert [h for h in proxied.answer.headers if h[0].lower() not in drop] == \
         [h for h in direct.answer.headers if h[0].lower() not in drop]
     echo_direct, echo_proxied = json.loads(direct.answer.body), json.loads(proxied.answer.body)
