@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
 import os
 import re
 import sys
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import config as config_module
-from . import users
+from . import logs, users
 from .errors import ConfigError, StoreUnavailable, UserError
 from .store import Store, open_store
 
 T = TypeVar("T")
+security = logging.getLogger("gateway.security")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command not in ("run", "demo"):
+        logs.setup_commands()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
@@ -67,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int, help="processes serving the port (default: the config's, else 1)")
+    p.add_argument("--log-format", choices=("json", "text"),
+                   help="JSON lines, or text for reading by eye (default: the config's log_format, else json)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("check", parents=[common], help="validate the config")
@@ -152,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers is not None and not 1 <= args.workers <= 64:
         raise UserError("--workers must be between 1 and 64")
     try:
-        serve(cfg, host=args.host, port=args.port, workers=args.workers)
+        serve(cfg, host=args.host, port=args.port, workers=args.workers, log_format=args.log_format)
     except OSError as exc:  # the port is taken, or the host is not ours
         host = args.host or cfg.listen.host
         port = args.port if args.port is not None else cfg.listen.port
@@ -228,6 +234,8 @@ def _users_change(args: argparse.Namespace) -> int:
         "remove": users.remove, "disable": users.disable, "enable": users.enable}
     action = actions[args.action]
     ended = _with_store(args, lambda store: action(store, args.name))
+    if args.action != "enable":
+        _audit(f"user_{_past(args.action)}", user=args.name, ended=ended)
     suffix = f"; ended {ended} session(s)" if ended else ""
     print(f"{_past(args.action)} user {args.name}{suffix}")
     return 0
@@ -236,6 +244,7 @@ def _users_change(args: argparse.Namespace) -> int:
 def _users_passwd(args: argparse.Namespace) -> int:
     password = _password(args, confirm=True)
     ended = _with_store(args, lambda store: users.passwd(store, args.name, password))
+    _audit("password_changed", user=args.name, ended=ended)
     print(f"changed the password of {args.name}; ended {ended} session(s)")
     return 0
 
@@ -259,6 +268,7 @@ def _sessions_revoke(args: argparse.Namespace) -> int:
     ended = _with_store(args, go)
     if args.session and not ended:
         raise UserError(f"no live session with id {args.session!r}")
+    _audit("sessions_revoked", user=args.user, sid=args.session, ended=ended)
     print(f"ended {ended} session(s)")
     return 0
 
@@ -354,6 +364,11 @@ def _password(args: argparse.Namespace, *, confirm: bool) -> str:
     else:
         raise UserError("no terminal to ask for a password; pass it on stdin with --password-stdin")
     return users.check_password(password)
+
+
+def _audit(event: str, **fields: Any) -> None:
+    """A security event done from the command line (logs.setup_commands: on stderr)."""
+    security.info(event, extra={"fields": {**fields, "by": "cli"}})
 
 
 def _past(action: str) -> str:
