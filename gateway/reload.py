@@ -41,6 +41,7 @@ RESTART_ONLY: dict[str, Callable[[Config], object]] = {
     "workers": lambda c: c.workers,
     "shutdown_timeout": lambda c: c.shutdown_timeout,
     "metrics.listen": lambda c: c.metrics.listen if c.metrics.enabled else None,
+    "log_format": lambda c: c.log_format,  # the log handlers are set up once, at start
 }
 
 

@@ -9,6 +9,7 @@ scrapes themselves (route ``metrics``) are left out of the comparisons.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import config as config_module
 from gateway.errors import ConfigError
 from gateway.logs import JsonFormatter, TextFormatter
+from gateway.reload import restart_needed
 from gateway.sessions import hash_token
 from gateway.store import Session, open_store
 
@@ -248,6 +250,17 @@ def test_config_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9", tmp_path / "g.db")))
     cfg = config_module.load(path)
     assert (cfg.metrics, cfg.log_format) == (config_module.Metrics(enabled=True, listen=None), "json")
+
+
+def test_log_format_and_metrics_listener_change_only_on_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_GATEWAY_SECRET", secrets.token_urlsafe(48))
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9", tmp_path / "g.db")))
+    cfg = config_module.load(path)
+    admin = config_module.Metrics(listen=config_module.Listen("127.0.0.1", 9100))
+    assert restart_needed(cfg, dataclasses.replace(cfg, log_format="text")) == ["log_format"]
+    assert restart_needed(cfg, dataclasses.replace(cfg, metrics=admin)) == ["metrics.listen"]
+    assert restart_needed(cfg, dataclasses.replace(cfg, metrics=config_module.Metrics(enabled=False))) == []
 
 
 # --- the access log and request ids ---------------------------------------------------------
