@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,10 +64,25 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def start_gateway(config: Path, *, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=pin(cpus) if cpus else None)
+def set_affinity(pids: list[int], cpus: set[int]) -> None:
+    """Move running processes (a server and its workers) to ``cpus``, where the machine has them."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > max(cpus):
+        for pid in pids:
+            os.sched_setaffinity(pid, cpus)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError(f"no VmRSS for {pid}")
+
+
+def start_gateway(config: Path, *, cpus: set[int] | None = None,
+                  args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            preexec_fn=pin(cpus) if cpus else None, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -116,7 +132,49 @@ def start_nginx(workdir: Path, port: int, *, root: Path | None = None, upstream:
         f"fastcgi_temp_path {workdir}; uwsgi_temp_path {workdir}; scgi_temp_path {workdir};\n"
         f"keepalive_requests 1000000; {site} }}\n")
     return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=pin(cpus) if cpus else None)
+                            stderr=subprocess.DEVNULL, preexec_fn=pin(cpus) if cpus else None,
+                            start_new_session=True)
+
+
+def start_haproxy(workdir: Path, port: int, *, upstream: int, hs256_secret: str,
+                  cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+    """Debian's HAProxy 2.6, one thread, checking a Bearer JWT with its native
+    ``jwt_verify`` before ``proxy_pass``-like forwarding to 127.0.0.1:``upstream`` over
+    kept-alive connections: refused unless the token's alg is HS256, its signature verifies
+    with ``hs256_secret`` (taken as bytes, like the gateway's) and it has not expired."""
+    if shutil.which("haproxy") is None:
+        raise RuntimeError("haproxy is not installed (Debian: apt-get install haproxy)")
+    if not hs256_secret.isalnum():
+        raise ValueError("the HS256 secret goes into haproxy's config unquoted: letters and digits only")
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / f"haproxy-{port}.cfg"
+    conf.write_text(f"""\
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:{port}
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
+    http-request deny unless {{ var(txn.alg) -m str HS256 }}
+    http-request deny unless {{ var(txn.bearer),jwt_verify(txn.alg,"{hs256_secret}") -m int 1 }}
+    http-request set-var(txn.now) date
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
+    http-request deny if {{ var(txn.exp),sub(txn.now) -m int le 0 }}
+    default_backend up
+backend up
+    server up 127.0.0.1:{upstream} maxconn 256
+""")
+    return subprocess.Popen(["haproxy", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=pin(cpus) if cpus else None,
+                            start_new_session=True)
 
 
 @dataclass(frozen=True)
@@ -129,15 +187,30 @@ class WrkResult:
 
 
 def wrk(url: str, *, seconds: float, connections: int, headers: dict[str, str] | None = None,
-        rate: int | None = None, cpus: set[int] | None = None) -> WrkResult:
-    """Drive ``url`` with wrk (one thread) and read its summary."""
+        delay_ms: int | None = None, script: str = "", cpus: set[int] | None = None) -> WrkResult:
+    """Drive ``url`` with wrk (one thread) and read its summary. With ``delay_ms``, each
+    connection waits after every answer before its next request (wrk's Lua ``delay()``),
+    which holds the load below the server's peak. The wait is drawn from an exponential
+    distribution with that mean, so the connections do not move in lockstep (which would
+    send bursts of one request per connection at once) and requests arrive roughly as a
+    Poisson stream. The latency wrk reports starts when a request is written: it leaves
+    the wait out. ``script`` is more Lua for wrk (a ``request()`` function, say)."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
     args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url]
     for name, value in (headers or {}).items():
         args += ["-H", f"{name}: {value}"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True,
-                         preexec_fn=pin(cpus) if cpus else None).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        if delay_ms is not None:
+            lua.write("math.randomseed(os.time())\n"
+                      f"function delay() return math.floor(-{delay_ms} * math.log(1 - math.random()) + 0.5)"
+                      " end\n")
+        if delay_ms is not None or script:
+            lua.write(script)
+            lua.flush()
+            args += ["-s", lua.name]
+        out = subprocess.run(args, capture_output=True, text=True, check=True,
+                             preexec_fn=pin(cpus) if cpus else None).stdout
     latency = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)", out, re.M))
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))

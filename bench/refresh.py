@@ -1,10 +1,11 @@
-"""Refresh rotations per second on SQLite, at concurrency 1 and 32.
+"""Refresh rotations per second on SQLite (or Redis), at concurrency 1 and 32.
 
-    python bench/refresh.py [--seconds 5] [--rounds 3] [--json bench/results/refresh.json]
+    python bench/refresh.py [--seconds 5] [--rounds 3] [--store URL] [--json bench/results/refresh.json]
 
-Starts a real ``gateway run`` on a fresh SQLite file (pinned to CPU 0 when the machine has
-two), logs in one session per concurrent client, and has each client refresh its own
-session in a loop (the load generator runs on CPU 1). Every round also measures, at the
+Starts a real ``gateway run`` on a fresh SQLite file, or on ``--store`` (a Redis URL: its
+keys go under a fresh prefix, deleted afterwards), pinned to CPU 1 when the machine has
+two, logs in one session per concurrent client, and has each client refresh its own
+session in a loop (the load generator runs on CPU 0). Every round also measures, at the
 same concurrency, ``GET /healthz``: a request through the same server that touches no
 store. Rounds interleave the two, and the table shows medians, so the ratio
 rotations/healthz describes the cost of a rotation on this machine, whatever its noise.
@@ -19,7 +20,6 @@ import json
 import os
 import platform
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,12 +32,13 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import cpu_seconds, free_port, pin  # noqa: E402
 from gateway.credentials import hash_password  # noqa: E402
 from gateway.store import User, open_store  # noqa: E402
 
 CONFIG = """\
 listen: {{host: 127.0.0.1, port: {port}}}
-store: sqlite:gateway.db
+store: "{store}"
 upstreams: {{app: {{url: "http://127.0.0.1:9"}}}}
 tokens:
   issuer: bench
@@ -48,22 +49,6 @@ routes: [{{path: /**, access: authenticated}}]
 """
 PASSWORD = "bench-password-1"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _pin(cpu: int) -> Callable[[], None] | None:
-    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
-        return None
-    return lambda: os.sched_setaffinity(0, {cpu})
 
 
 async def _measure(pid: int, clients: int, seconds: float,
@@ -78,25 +63,28 @@ async def _measure(pid: int, clients: int, seconds: float,
             await step(i)
             done += 1
 
-    cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+    cpu0, t0 = cpu_seconds([pid]), time.monotonic()
     await asyncio.gather(*(client(i) for i in range(clients)))
-    cpu, elapsed = _cpu_seconds(pid) - cpu0, time.monotonic() - t0
+    cpu, elapsed = cpu_seconds([pid]) - cpu0, time.monotonic() - t0
     return done / elapsed, cpu / done * 1e6
 
 
-async def bench(seconds: float, rounds: int, concurrencies: list[int]) -> dict[str, object]:
+async def bench(seconds: float, rounds: int, concurrencies: list[int],
+                store_url: str | None = None) -> dict[str, object]:
+    prefix = f"gwbench:{secrets.token_hex(4)}:"
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         config = Path(tmp) / "gateway.yaml"
-        config.write_text(CONFIG.format(port=port, secret=secrets.token_urlsafe(48)))
-        store = await open_store(f"sqlite:{Path(tmp) / 'gateway.db'}")
+        store_url = f"{store_url}?key_prefix={prefix}" if store_url else f"sqlite:///{tmp}/gateway.db"
+        config.write_text(CONFIG.format(port=port, store=store_url, secret=secrets.token_urlsafe(48)))
+        store = await open_store(store_url)
         await store.add_user(User("bench", hash_password(PASSWORD), ("user",)))
         await store.close()
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                                stdout=subprocess.DEVNULL, preexec_fn=_pin(0))
-        if (pin := _pin(1)) is not None:
-            pin()
+                                stdout=subprocess.DEVNULL, preexec_fn=pin({1}))
+        if (client_pin := pin({0})) is not None:
+            client_pin()
         connector = aiohttp.TCPConnector(limit=0)
         http = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
         try:
@@ -134,6 +122,8 @@ async def bench(seconds: float, rounds: int, concurrencies: list[int]) -> dict[s
             await http.close()
             proc.terminate()
             proc.wait(timeout=15)
+            if store_url.startswith("redis"):
+                await _forget(store_url.split("?", 1)[0], prefix)
     rows = []
     for clients in concurrencies:
         ref = samples[("healthz", clients)]
@@ -149,7 +139,7 @@ async def bench(seconds: float, rounds: int, concurrencies: list[int]) -> dict[s
             "gateway_cpu_us_per_healthz": round(statistics.median(c for _, c in ref)),
         })
     return {
-        "benchmark": "refresh rotations, SQLite store",
+        "benchmark": f"refresh rotations, {store_url.split(':', 1)[0]} store",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "seconds_per_run": seconds,
@@ -158,13 +148,26 @@ async def bench(seconds: float, rounds: int, concurrencies: list[int]) -> dict[s
     }
 
 
+async def _forget(redis_url: str, prefix: str) -> None:
+    import redis.asyncio  # noqa: PLC0415
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--store", help="a Redis URL (default: a fresh SQLite file)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "refresh.json")
     args = parser.parse_args()
-    report = asyncio.run(bench(args.seconds, args.rounds, [1, 32]))
+    report = asyncio.run(bench(args.seconds, args.rounds, [1, 32], args.store))
     print(f"{report['benchmark']} — {report['date']}, {report['machine']}; "
           f"medians of {args.rounds} rounds of {args.seconds:g}s")
     header = ["concurrency", "rotations/s", "healthz/s", "ratio", "CPU µs/rotation", "CPU µs/healthz"]

@@ -2,12 +2,12 @@
 
     python bench/streaming.py [--size 1g] [--interval 0.05] [--json bench/results/streaming.json]
 
-Starts a real ``gateway run`` (pinned to CPU 0 when the machine has two) with a temporary
+Starts a real ``gateway run`` (pinned to CPU 1 when the machine has two) with a temporary
 config: ``limits: {request_body: 2g}`` and one public route to an upstream that this script
 starts in its own process. That upstream streams ``--size`` bytes out on
 ``GET /download/N`` (with a Content-Length, written 1 MiB at a time) and, on
 ``POST /upload``, reads the body as it arrives and keeps only a count and a SHA-256 of it.
-The client (this process; it and the upstream share CPU 1) then:
+The client (this process; it and the upstream share CPU 0) then:
 
 1. warms up: a 1 MiB upload and download through the gateway, so that its connection pools,
    buffers and lazily imported code exist before the baseline is taken;
@@ -37,14 +37,13 @@ import json
 import os
 import platform
 import secrets
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import free_port, pin  # noqa: E402
 from gateway.config import parse_size  # noqa: E402
 
 CONFIG = """\
@@ -120,18 +120,6 @@ def serve_upstream(port: int) -> None:
 
 
 # --- measuring ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pin(cpu: int) -> Callable[[], None] | None:
-    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
-        return None
-    return lambda: os.sched_setaffinity(0, {cpu})
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -225,17 +213,17 @@ async def _wait_ready(http: aiohttp.ClientSession, url: str, proc: subprocess.Po
 
 async def bench(total: int, interval: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        port, upstream_port = _free_port(), _free_port()
+        port, upstream_port = free_port(), free_port()
         url, upstream = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{upstream_port}"
         config = Path(tmp) / "gateway.yaml"
         config.write_text(CONFIG.format(port=port, upstream=upstream_port, secret=secrets.token_urlsafe(48)))
         up = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(upstream_port)],
-                              preexec_fn=_pin(1))
+                              preexec_fn=pin({0}))
         gw = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                              stdout=subprocess.DEVNULL, preexec_fn=_pin(0),
+                              stdout=subprocess.DEVNULL, preexec_fn=pin({1}),
                               cwd=Path(__file__).resolve().parents[1])
-        if (pin := _pin(1)) is not None:
-            pin()
+        if (client_pin := pin({0})) is not None:
+            client_pin()
         timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
         http = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
                                      connector=aiohttp.TCPConnector(limit=0))
