@@ -150,12 +150,12 @@ async def bench(seconds: float, rounds: int, redis_url: str) -> dict[str, Any]:
     nginx_direct = median(reference)
     rows = []
     for key, runs in samples.items():
-        store_name, workers = key.split("/")
-        proxied = median([r["proxied_per_s"] for r in runs])
+        store_name, worker_count = key.split("/")
+        proxied_rate = median([r["proxied_per_s"] for r in runs])
         rows.append({
-            "store": store_name, "workers": int(workers),
-            "proxied_per_s": round(proxied),
-            "proxied_over_nginx_direct": round(proxied / nginx_direct, 3),
+            "store": store_name, "workers": int(worker_count),
+            "proxied_per_s": round(proxied_rate),
+            "proxied_over_nginx_direct": round(proxied_rate / nginx_direct, 3),
             "proxied_p99_ms": round(median([r["proxied_p99_ms"] for r in runs]), 2),
             "proxied_cpu_us": round(median([r["proxied_cpu_us"] for r in runs])),
             "rotations_per_s": round(median([r["rotations_per_s"] for r in runs])),

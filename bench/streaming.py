@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,8 +238,10 @@ async def bench(total: int, interval: float) -> dict[str, Any]:
             await asyncio.sleep(1.0)
             idle = sampler.peak("idle")
             results: dict[str, Any] = {}
-            for direction, run in (("upload", lambda: _upload(http, url, total)),
-                                   ("download", lambda: _download(http, url, upstream, total))):
+            runs: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
+                ("upload", lambda: _upload(http, url, total)),
+                ("download", lambda: _download(http, url, upstream, total))]
+            for direction, run in runs:
                 hwm_reset = _reset_hwm(gw.pid)
                 sampler.phase = direction
                 t0 = time.monotonic()
