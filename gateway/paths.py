@@ -9,6 +9,8 @@ unambiguous it refuses with 400, before any route is looked at.
 
 from __future__ import annotations
 
+import unicodedata
+from functools import lru_cache
 from typing import NamedTuple
 
 from .errors import BadRequest
@@ -105,10 +107,23 @@ def _decode_segment(raw: str) -> str:
         plain.append(byte)
         i += 1
     try:
-        plain.decode("utf-8")  # strict: refuses overlong forms such as %C0%AE and stray bytes
+        text = plain.decode("utf-8")  # strict: refuses overlong forms such as %C0%AE and stray bytes
     except UnicodeDecodeError:
         raise ambiguous("The path is not valid UTF-8.") from None
+    if not text.isascii() and any(_reads_as_ascii(c) for c in text if not c.isascii()):
+        raise ambiguous("The path has a character that some servers read as an ASCII one.")
     return out.decode("ascii")
+
+
+@lru_cache(maxsize=4096)
+def _reads_as_ascii(char: str) -> bool:
+    """Whether case mapping or compatibility normalization, as upstreams apply them
+    (``.upper()``, ``equalsIgnoreCase``, NFKC), turns ``char`` into something with ASCII in
+    it: ``/adm\u0131n`` (dotless i) is ``/ADMIN`` upper-cased, and ``\uff0e\uff0e``
+    (full-width dots) is ``..`` under NFKC. Routes compare in ASCII, so such a path could
+    be judged as one path and served as another."""
+    mappings = (char.upper(), char.lower(), char.casefold(), unicodedata.normalize("NFKC", char))
+    return any(c.isascii() for mapped in mappings for c in mapped)
 
 
 def safe_next(value: object) -> str:

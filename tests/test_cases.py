@@ -55,6 +55,9 @@ CASES = [
     Case("SEC-06", "/ADMIN/users", 401, 403, 200, "/ADMIN/users"),
     Case("SEC-06", "/Admin/users", 401, 403, 200, "/Admin/users"),
     Case("SEC-06", "/aDmIn/users", 401, 403, 200, "/aDmIn/users"),
+    # ... and so do letters that an upstream's case mapping or NFKC turns into ASCII ones
+    *(Case("SEC-06", t, 400, 400, 400, None) for t in (
+        "/adm%C4%B1n/users", "/adm%C4%B0n/users", "/%EF%BD%81dmin/users", "/static/%EF%BC%8E%EF%BC%8E/admin")),
     # SEC-07: path parameters
     Case("SEC-07", "/admin;jsessionid=x/users", 400, 400, 400, None),
     Case("SEC-07", "/admin;/users", 400, 400, 400, None),

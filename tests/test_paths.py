@@ -28,6 +28,8 @@ NORMALIZED = [
     ("/caf%c3%a9", "/caf%C3%A9", ""),  # other escapes are kept, upper-cased
     ("/a%20b", "/a%20b", ""),
     ("/admin/users%23/static/x", "/admin/users%23/static/x", ""),  # %23 is a character, not a fragment
+    # non-ASCII letters that no case mapping or NFKC turns into ASCII are ordinary characters
+    ("/%C3%BCber/%E6%97%A5%E6%9C%AC/%D1%8F", "/%C3%BCber/%E6%97%A5%E6%9C%AC/%D1%8F", ""),
 ]
 
 
@@ -50,6 +52,28 @@ REFUSED = [
 def test_refused(raw: str) -> None:
     with pytest.raises(BadRequest):
         normalize(raw)
+
+
+# Characters that upstreams turn into ASCII (by upper-casing, lower-casing, case-folding or
+# NFKC), so that the gateway would judge one path and the upstream serve another.
+READ_AS_ASCII = [
+    ("/adm%C4%B1n/users", "dotless i: 'ı'.upper() == 'I'"),
+    ("/adm%C4%B0n/users", "dotted capital I: 'İ'.lower() == 'i̇'"),
+    ("/%C5%BFtatic/x", "long s: 'ſ'.upper() == 'S'"),
+    ("/admin%E2%84%AA", "Kelvin sign: lower() == 'k'"),
+    ("/static/%EF%BC%8E%EF%BC%8E/admin", "full-width dots: NFKC '..'"),
+    ("/%EF%BD%81dmin", "full-width a"),
+    ("/%EF%AC%80ile", "the ligature ﬀ: NFKC 'ff'"),
+    ("/stra%C3%9Fe", "sharp s: 'ß'.upper() == 'SS' (Python, Java)"),
+    ("/%E2%85%A0", "Roman numeral one: NFKC 'I'"),
+]
+
+
+@pytest.mark.parametrize("raw, why", READ_AS_ASCII)
+def test_characters_that_upstreams_read_as_ascii_are_refused(raw: str, why: str) -> None:
+    with pytest.raises(BadRequest) as refused:
+        normalize(raw)
+    assert refused.value.code == "ambiguous_path", why
 
 
 @pytest.mark.parametrize("value, expected", [
