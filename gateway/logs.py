@@ -23,7 +23,12 @@ from . import metrics
 from .state import ENDPOINT, ERROR, IP, PATH, REQUEST_ID, ROUTE, USER
 
 FORMATS = ("json", "text")
-_NEEDS_QUOTES = re.compile(r"\s")
+# A value is written as it is only when it is visible ASCII with no quote, "=" or space;
+# anything else is quoted, with control characters escaped, so that a client's input (a
+# user name, a header) can neither forge a second field or line nor send a terminal
+# escape sequence to whoever reads the log.
+_PLAIN = re.compile(r'[!#-<>-~]+')
+_VISIBLE = re.compile(r"[!-~]+")
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,8 +56,12 @@ class TextFormatter(logging.Formatter):
         parts = [stamp, f"{record.levelname:<7}", record.name, record.getMessage()]
         for key, value in getattr(record, "fields", {}).items():
             if value is not None:
-                text = value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
-                parts.append(f"{key}={json.dumps(text) if not text or _NEEDS_QUOTES.search(text) else text}")
+                if isinstance(value, str):
+                    text = value if _PLAIN.fullmatch(value) else json.dumps(value)
+                else:  # JSON escapes what is not visible ASCII; a space would still split the field
+                    text = json.dumps(value, default=str, separators=(",", ":"))
+                    text = text if _VISIBLE.fullmatch(text) else json.dumps(text)
+                parts.append(f"{key}={text}")
         line = " ".join(parts)
         if record.exc_info and record.exc_info[0] is not None:
             line += "\n" + self.formatException(record.exc_info)

@@ -359,6 +359,23 @@ def test_text_format_is_one_readable_line() -> None:
     assert line.endswith(' INFO    gateway.access request method=GET path="/a b" status=200 roles=["x","y"]')
 
 
+@pytest.mark.parametrize("value, written", [
+    ("bob\x1b[2K\x1b[1A\x1b[32mINFO\x1b[0m\b\bfake\x07", '"bob\\u001b[2K\\u001b[1A\\u001b[32mINFO\\u001b[0m\\b\\bfake\\u0007"'),
+    ("bob status=200", '"bob status=200"'),
+    ("a=b", '"a=b"'),
+    ('say"hi', '"say\\"hi"'),
+    ("line\nbreak", '"line\\nbreak"'),
+    ("caf\u00e9", '"caf\\u00e9"'),
+    ("", '""'),
+    ("bob@example.com", "bob@example.com"),
+])
+def test_text_format_quotes_what_could_forge_a_line(value: str, written: str) -> None:
+    record = logging.LogRecord("gateway.security", logging.INFO, __file__, 1, "login_failed", (), None)
+    record.fields = {"user": value}
+    line = TextFormatter().format(record)
+    assert line.endswith(f" login_failed user={written}") and "\n" not in line and "\x1b" not in line
+
+
 # --- security events ------------------------------------------------------------------------
 
 
