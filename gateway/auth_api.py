@@ -148,6 +148,8 @@ async def register(request: web.Request) -> web.StreamResponse:
     user = User(name=username, password_hash=password_hash, roles=gw.config.users.default_roles,
                 created_at=gw.clock())
     try:
+        if await users.look_alike_taken(gw.store, username):
+            raise UserError("look-alike")
         await gw.store.add_user(user)
     except UserError:
         raise Conflict("username_taken", "This user name is taken.") from None

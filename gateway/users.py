@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -85,6 +86,20 @@ def common_passwords() -> frozenset[str]:
     text = resources.files(__package__).joinpath("common-passwords.txt").read_text(encoding="utf-8")
     return frozenset(line.strip().casefold() for line in text.splitlines()
                      if line.strip() and not line.startswith("#"))
+
+
+def look_alike(name: str) -> str:
+    """What apps that are lax about user names may take a name for: case folded (Unicode
+    NFKC), trailing punctuation dropped (``Dave``, ``dave`` and ``dave.`` are one user to
+    an app that compares them case-insensitively or trims them)."""
+    return unicodedata.normalize("NFKC", name).casefold().rstrip("._@-")
+
+
+async def look_alike_taken(store: Store, name: str) -> bool:
+    """Whether a user whose name looks like ``name`` exists: a self-registered ``dave``
+    beside an operator's ``Dave`` would be the same user to such an app."""
+    wanted = look_alike(name)
+    return any(look_alike(existing) == wanted for existing in await store.user_names())
 
 
 def check_registration(cfg: Registration, name: str, password: str) -> None:

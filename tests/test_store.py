@@ -51,6 +51,7 @@ async def test_users_round_trip(store: Store) -> None:
     assert await store.get_user("alice") == User("alice", "hash-a", ("user", "dev"), False, T0)
     assert await store.get_user("nobody") is None
     assert [u.name for u in await store.list_users()] == ["alice", "bob"]
+    assert sorted(await store.user_names()) == ["alice", "bob"]
     assert await store.update_user("alice", roles=("ops",), disabled=True)
     assert (await store.get_user("alice")) == User("alice", "hash-a", ("ops",), True, T0)
     assert not await store.update_user("nobody", disabled=True)

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from gateway import users
+
 from conftest import PASSWORDS, Gateway, GatewayFactory
 
 WRONG = "not-the-password-1"
@@ -129,6 +131,18 @@ async def test_registration_signs_the_new_user_in(gateway_factory: GatewayFactor
     assert (await _login(gw, "dave", "a-long-enough-password"))[0] == 200
     status, body, _ = await _register(gw, "dave", "another-long-password")
     assert (status, body["error"]) == (409, "username_taken")
+
+
+async def test_registration_refuses_a_look_alike_of_an_existing_user(gateway_factory: GatewayFactory) -> None:
+    """An app that compares names case-insensitively, or trims them, would take each of
+    these for the operator's admin ``Dave`` or ``bob``."""
+    gw = await gateway_factory(_registration)
+    await users.add(gw.store, "Dave", "the-admins-password", ["admin"])
+    for look_alike in ("dave", "dave.", "dave-", "bob.", "bob_"):
+        status, body, _ = await _register(gw, look_alike, "a-long-enough-password")
+        assert (status, body["error"]) == (409, "username_taken"), look_alike
+        assert await gw.store.get_user(look_alike) is None
+    assert (await _register(gw, "dave2", "a-long-enough-password"))[0] == 201  # a different name is fine
 
 
 @pytest.mark.parametrize("username, password, code", [

@@ -138,6 +138,9 @@ class Store(Protocol):
 
     async def list_users(self) -> list[User]: ...
 
+    async def user_names(self) -> list[str]:
+        """Every user's name, in no order: one cheap read."""
+
     async def update_user(
         self,
         name: str,

@@ -144,6 +144,9 @@ class RedisStore:
             return [u for u in users if u is not None]
         return await self._guard(work)
 
+    async def user_names(self) -> list[str]:
+        return [n.decode() for n in await self._guard(lambda: self._r.smembers(f"{self._p}users"))]
+
     async def update_user(
         self,
         name: str,

@@ -216,6 +216,10 @@ class SQLiteStore:
             rows = await self._all(f"{_USERS} ORDER BY name")
         return [_user(row) for row in rows]
 
+    async def user_names(self) -> list[str]:
+        async with self._read():
+            return [row[0] for row in await self._all("SELECT name FROM users")]
+
     async def update_user(
         self,
         name: str,
