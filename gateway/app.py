@@ -72,7 +72,8 @@ async def _session_and_cors_headers(request: web.Request, response: web.StreamRe
                            min(int(config.tokens.access_ttl), renewed.max_age))
         cookies.set_refresh(response, config.cookies, renewed.refresh_token, renewed.max_age)
     elif request.get(CLEAR_COOKIES):
-        cookies.clear(response, request[GATEWAY].config.cookies)
+        gw = request[GATEWAY]
+        cookies.clear(response, gw.config.cookies, gw.retired_cookies)
     if (allowed := request.get(CORS)) is not None:
         cors.mark(response, *allowed)
 

@@ -177,7 +177,7 @@ async def refresh(request: web.Request) -> web.StreamResponse:
             security.info("refresh_refused", extra={"fields": {"reason": exc.reason,
                                                                "ip": gw.proxy.client_ip(request)}})
         response = errors.response(exc)
-        cookies.clear(response, gw.config.cookies)
+        cookies.clear(response, gw.config.cookies, gw.retired_cookies)
         return response
     return _signed_in(gw, web.Response(), done.user, done.session, done.refresh_token)
 
@@ -204,7 +204,7 @@ async def logout(request: web.Request) -> web.Response:
             "Location": f"{gw.config.auth_prefix}/login", **_NO_STORE})
     else:
         response = web.Response(status=204, headers=_NO_STORE)
-    cookies.clear(response, gw.config.cookies)
+    cookies.clear(response, gw.config.cookies, gw.retired_cookies)
     return response
 
 
@@ -216,7 +216,7 @@ async def logout_all(request: web.Request) -> web.Response:
     security.info("logout_all", extra={"fields": {"user": identity.sub, "ended": ended,
                                                   "ip": gw.proxy.client_ip(request)}})
     response = web.Response(status=204, headers=_NO_STORE)
-    cookies.clear(response, gw.config.cookies)
+    cookies.clear(response, gw.config.cookies, gw.retired_cookies)
     return response
 
 
@@ -259,7 +259,7 @@ async def end_session(request: web.Request) -> web.Response:
                                                      "ip": gw.proxy.client_ip(request)}})
     response = web.Response(status=204, headers=_NO_STORE)
     if session_id == identity.sid:
-        cookies.clear(response, gw.config.cookies)
+        cookies.clear(response, gw.config.cookies, gw.retired_cookies)
     return response
 
 

@@ -189,6 +189,8 @@ class Cookies:
     secure: bool
     access: Cookie
     refresh: Cookie
+    # Names the gateway's cookies had before a rename: never forwarded, expired at logout.
+    retired_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -872,7 +874,7 @@ def _check_secret(r: _Reader, path: str, secret: bytes, algorithm: str) -> None:
 
 
 def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None) -> Cookies:
-    s = r.section(top.raw("cookies"), "cookies", {"secure", "access", "refresh"})
+    s = r.section(top.raw("cookies"), "cookies", {"secure", "access", "refresh", "retired_names"})
     secure = s.flag("secure", True)
     if not secure and public_url and public_url.startswith("https://"):
         r.problem("cookies.secure", "must be true when public_url is https")
@@ -899,7 +901,8 @@ def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None
         r.problem("cookies.refresh.path", f"must cover {auth_prefix}, where the refresh endpoint is")
     if access.name.removeprefix("__Host-") == refresh.name.removeprefix("__Host-"):
         r.problem("cookies.refresh.name", "must differ from cookies.access.name")
-    return Cookies(secure=secure, access=access, refresh=refresh)
+    retired = tuple(dict.fromkeys(s.strings("retired_names", pattern=_COOKIE_NAME)))
+    return Cookies(secure=secure, access=access, refresh=refresh, retired_names=retired)
 
 
 def _identity_headers(top: _Section) -> tuple[tuple[str, str], ...]:

@@ -8,7 +8,8 @@ Header rules, in the order they apply:
    client can make the gateway drop a header it adds later.
 2. What the upstream must only hear from the gateway goes next: identity headers (every
    case and every copy), ``Authorization``, the gateway's cookies, method-override and
-   URL-rewrite headers, and forwarding headers unless the peer is a trusted proxy.
+   URL-rewrite headers, and forwarding headers unless the peer is a trusted proxy. The
+   gateway's cookies go under every name they have or had (:func:`gateway.cookies.names`).
 3. The gateway then sets identity, ``X-Forwarded-*`` and ``X-Request-ID`` headers itself,
    and, on a route with ``forward_token: true``, ``Authorization: Bearer`` with the verified
    access token.
@@ -30,7 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import cookies, metrics
-from .config import Config, Route
+from .config import Config, Cookies, Route
 from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from .paths import Target
 from .tokens import Identity
@@ -129,12 +130,12 @@ def _forwards_token(request: web.BaseRequest) -> bool:
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, retired_cookies: Iterable[Cookies] = ()) -> None:
         self.config = config
         self.trusted = config.trusted_proxies
         self._identity = tuple((header, claim) for header, claim in config.identity_headers)
         self._always_drop = NEVER_FORWARDED | {canonical(h) for h, _ in config.identity_headers}
-        self._own_cookies = cookies.names(config.cookies)
+        self._own_cookies = cookies.names(config.cookies, retired_cookies)
         public = urlsplit(config.public_url) if config.public_url else None
         self._public_scheme = public.scheme if public else None
         self._public_host = public.netloc if public else None

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from . import config as config_module
-from . import metrics
+from . import cookies, metrics
 from .config import Config
 from .errors import ConfigError
 from .state import GATEWAY, Gateway
@@ -117,7 +117,9 @@ class Live:
                 return False
             gw = Gateway.build(new, old.store, old.clock, endpoints=self._endpoints(new),
                                revocations=old.revocations,
-                               credentials=old.credentials if new.users == old.config.users else None)
+                               credentials=old.credentials if new.users == old.config.users else None,
+                               retired_cookies=cookies.retire(old.config.cookies, old.retired_cookies,
+                                                              new.cookies))
             await gw.proxy.start()
             self.swap(gw)
             log.info("config_reloaded", extra={"fields": {

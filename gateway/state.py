@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .config import Config, Route
+from .config import Config, Cookies, Route
 from .credentials import Credentials
 from .proxy import Proxy
 from .revocations import Revocations, horizon
@@ -36,11 +36,15 @@ class Gateway:
     throttle: LoginThrottle
     # The gateway's own endpoints for this config: path -> method -> handler.
     endpoints: dict[str, dict[str, Handler]] = field(default_factory=dict)
+    # The cookie settings of the configs reloads replaced (cookies.retire): a browser may
+    # still send those cookies, which must never reach an upstream.
+    retired_cookies: tuple[Cookies, ...] = ()
 
     @classmethod
     def build(cls, config: Config, store: Store, clock: Callable[[], float], *,
               endpoints: dict[str, dict[str, Handler]] | None = None,
-              revocations: Revocations | None = None, credentials: Credentials | None = None) -> Gateway:
+              revocations: Revocations | None = None, credentials: Credentials | None = None,
+              retired_cookies: tuple[Cookies, ...] = ()) -> Gateway:
         """The parts for ``config``. A reload passes the running revocation view (one per
         process: its state and its poller outlive any config) and, when ``users`` did not
         change, the running credentials (their hashing threads and htpasswd watcher)."""
@@ -59,10 +63,11 @@ class Gateway:
             tokens=AccessTokens(config.tokens, clock),
             sessions=Sessions(store, config.tokens, clock, revocations),
             credentials=credentials or Credentials(store, config.users, clock),
-            proxy=Proxy(config),
+            proxy=Proxy(config, retired_cookies),
             revocations=revocations,
             throttle=LoginThrottle(store, config.throttle, clock),
             endpoints=endpoints or {},
+            retired_cookies=retired_cookies,
         )
 
 

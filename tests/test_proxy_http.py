@@ -7,6 +7,8 @@ import asyncio
 import gzip
 from typing import Any
 
+import pytest
+
 from conftest import Gateway, GatewayFactory, Upstream
 
 
@@ -124,3 +126,36 @@ async def test_strip_prefix_forwards_without_it_and_rewrites_redirects_and_cooki
     # without strip_prefix, nothing is rewritten
     async with gw.http.get(f"{gw.url}/respond", params=params, allow_redirects=False) as resp:
         assert resp.headers["Location"] == "/login?next=/x"
+
+
+_PREFIXES = ("", "__Host-", "__Secure-", "__host-", "__SECURE-")
+
+
+@pytest.mark.parametrize("secure", [False, True])
+async def test_no_gateway_cookie_reaches_the_upstream_under_any_name(
+        gateway_factory: GatewayFactory, upstream: Upstream, secure: bool) -> None:
+    """Every prefix variant of the current names, of the defaults (a rename by restart) and
+    of ``cookies.retired_names`` is the gateway's; cookies merely alike pass."""
+    gw = await _public(gateway_factory, cookies={
+        "secure": secure, "access": {"name": "sess_a"}, "refresh": {"name": "sess_r"},
+        "retired_names": ["old_refresh", "__Host-old_access"]})
+    ours = [f"{prefix}{name}=t{n}" for n, name in enumerate(
+        ("sess_a", "sess_r", "gw_access", "gw_refresh", "gw_probe", "old_refresh", "old_access"))
+        for prefix in _PREFIXES]
+    theirs = ["app=1", "sess_ax=2", "x_sess_r=3", "__Host-app=4", "old_refresh_v2=5"]
+    async with gw.http.get(f"{gw.url}/x", headers={"Cookie": "; ".join(ours[:17] + theirs[:2])}) as resp:
+        assert resp.status == 200
+    two_headers = [("Cookie", "; ".join(ours[17:])), ("Cookie", "; ".join(theirs[2:]))]
+    async with gw.http.get(f"{gw.url}/y", headers=two_headers) as resp:
+        assert resp.status == 200
+    assert upstream.seen[-2].header("Cookie") == ["app=1; sess_ax=2"]
+    assert upstream.seen[-1].header("Cookie") == ["x_sess_r=3; __Host-app=4; old_refresh_v2=5"]
+
+    # logout expires the retired names too
+    async with gw.http.post(f"{gw.url}/auth/logout") as resp:
+        assert resp.status == 204
+        expired = [c for c in resp.headers.getall("Set-Cookie") if "Max-Age=0" in c]
+    prefix = "__Host-" if secure else ""
+    assert sorted(c.split("=", 1)[0] for c in expired) == sorted(
+        [f"{prefix}sess_a", f"{prefix}sess_r", "old_refresh", "__Host-old_access"])
+    assert all("Path=/" in c for c in expired)

@@ -49,6 +49,7 @@ class Upstream:
     url: str = ""
     held: int = 0  # /slow requests waiting now
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    cookies: list[str] = field(default_factory=list)  # every Cookie header that arrived
 
 
 @pytest.fixture
@@ -67,6 +68,7 @@ async def upstream() -> AsyncIterator[Upstream]:
             async for msg in ws:
                 await ws.send_str(msg.data)
             return ws
+        state.cookies.extend(request.headers.getall("Cookie", ()))
         return web.json_response({"path": request.path, "user": request.headers.get("X-Auth-User")})
 
     app = web.Application()
@@ -133,7 +135,8 @@ class Running:
 
 
 def _yaml(*, port: int, db: Path, upstream: str, routes: list[str], keys: list[str], workers: int = 1,
-          shutdown_timeout: str = "10s") -> str:
+          shutdown_timeout: str = "10s", cookies: str = "{secure: false}", users: str = "{source: store}",
+          registration: str = "{enabled: false}") -> str:
     return "\n".join([
         f"listen: {{host: 127.0.0.1, port: {port}}}",
         f'store: "sqlite:///{db}"',
@@ -143,7 +146,9 @@ def _yaml(*, port: int, db: Path, upstream: str, routes: list[str], keys: list[s
         "  audience: reload",
         "  keys:",
         *(f"    - {key}" for key in keys),
-        "cookies: {secure: false}",
+        f"cookies: {cookies}",
+        f"users: {users}",
+        f"registration: {registration}",
         "routes:",
         *(f"  - {route}" for route in routes),
         f"workers: {workers}",
@@ -312,6 +317,47 @@ async def test_many_reloads_leak_nothing(gateway: Any) -> None:
     now_fds, now_threads = counts()
     assert now_fds <= fds + 2, (fds, now_fds)  # each old upstream pool was closed
     assert now_threads <= threads + 2, (threads, now_threads)  # the hashing threads were reused
+
+
+PUBLIC_ROUTE = "{path: /static/**, access: public}"
+
+
+async def test_renamed_cookies_never_reach_the_upstream_and_logout_expires_them(
+        gateway: Any, upstream: Upstream) -> None:
+    gw = await gateway(routes=[PUBLIC_ROUTE, CATCH_ALL])
+    alice = await gw.login()
+    browser = f"gw_refresh={alice['refresh']}; gw_access={alice['access']}; app=1"
+
+    async def upstream_hears(cookie: str) -> str:
+        """The Cookie header the upstream received for a public request carrying ``cookie``."""
+        upstream.cookies.clear()
+        async with gw.http.get(f"{gw.url}/static/x", headers={"Cookie": cookie}) as resp:
+            assert resp.status == 200
+        return "; ".join(upstream.cookies)
+
+    def every_variant(token: str, *names: str) -> str:
+        return "; ".join(f"{prefix}{name}={token}" for name in names
+                         for prefix in ("", "__Host-", "__Secure-", "__host-", "__SECURE-"))
+
+    assert await upstream_hears(browser) == "app=1"
+    gw.write(cookies="{secure: false, access: {name: sess_a}, refresh: {name: sess_r}}")
+    gw.hangup()
+    await until(lambda: gw.events("config_reloaded"), "the renamed cookies are in use")
+    assert await upstream_hears(browser) == "app=1"  # the browser still holds the old ones
+    assert await upstream_hears(every_variant("t", "sess_a", "sess_r", "gw_refresh") + "; app=1") == "app=1"
+
+    # logout expires the cookies under the new names and under the old
+    async with gw.http.post(f"{gw.url}/auth/logout", headers={"Cookie": browser}) as resp:
+        assert resp.status == 204
+        expired = {c.split("=", 1)[0] for c in resp.headers.getall("Set-Cookie") if "Max-Age=0" in c}
+    assert {"sess_a", "sess_r", "gw_access", "gw_refresh"} <= expired
+
+    # secure: true (the names become __Host-...): the previous names, unprefixed, stay stripped
+    gw.write(cookies="{secure: true, access: {name: sess_a}, refresh: {name: sess_r}}")
+    gw.hangup()
+    await until(lambda: len(gw.events("config_reloaded")) == 2, "the secure cookies are in use")
+    assert await upstream_hears(every_variant("t", "sess_a", "sess_r", "gw_access") + "; app=1") == "app=1"
+    assert await upstream_hears("sess_rx=1; xsess_r=2") == "sess_rx=1; xsess_r=2"  # others' cookies pass
 
 
 # --- shutdown -----------------------------------------------------------------------------------
