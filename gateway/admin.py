@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from . import errors, logs, metrics
-from .config import METHODS_KNOWN, Listen, Metrics
+from .config import Listen, Metrics
 from .errors import MethodNotAllowed, NotFound, StoreUnavailable
 from .reload import LIVE
 from .state import ENDPOINT, GATEWAY, PATH, Gateway
@@ -38,19 +38,34 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return await scrape(request[GATEWAY])
 
 
-async def _not_here(request: web.Request) -> web.Response:
-    raise NotFound()
+METRICS_PATH = "/metrics"
 
 
 def main_listener_endpoints(cfg: Metrics) -> dict[str, dict[str, Handler]]:
-    """``/metrics`` on the main listener: served, or (with an admin listener) 404 whatever
-    the routes say, or (disabled) nothing of the gateway's, so that it is proxied like any
-    other path."""
+    """``GET /metrics`` among the main listener's own endpoints, unless an admin listener
+    serves it (or metrics are disabled)."""
+    if cfg.enabled and cfg.listen is None:
+        return {METRICS_PATH: {"GET": metrics_endpoint}}
+    return {}
+
+
+def kept_from_routes(cfg: Metrics, path: str) -> bool:
+    """Whether the main listener keeps ``path`` from the routes as the metrics path: with
+    metrics enabled, ``/metrics`` in any case, with or without a trailing slash (as the auth
+    prefix is kept in any case). Where no endpoint of the table above serves it, exactly,
+    the answer is 404 whatever the routes say, so that an upstream's own /metrics is never
+    reached under another spelling. Disabled, the path is the routes' like any other."""
+    return cfg.enabled and path.lower().removesuffix("/") == METRICS_PATH
+
+
+def where(cfg: Metrics) -> str:
+    """Where ``GET /metrics`` is served, in words."""
     if not cfg.enabled:
-        return {}
-    if cfg.listen is not None:
-        return {"/metrics": dict.fromkeys(METHODS_KNOWN, _not_here)}
-    return {"/metrics": {"GET": metrics_endpoint}}
+        return "metrics are disabled (metrics.enabled: false)"
+    if cfg.listen is None:
+        return f"GET {METRICS_PATH} is served on the main listener"
+    host = f"[{cfg.listen.host}]" if ":" in cfg.listen.host else cfg.listen.host
+    return f"GET {METRICS_PATH} is served only on the admin listener, {host}:{cfg.listen.port} (metrics.listen)"
 
 
 def listener_ctx(listen: Listen) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -71,9 +86,9 @@ async def listener(listen: Listen, current: Callable[[], Gateway]) -> AsyncItera
     gateway in use (its store and session rules)."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
-        if request.path != "/metrics":
+        if request.path != METRICS_PATH:
             return errors.response(NotFound())
-        request[ENDPOINT], request[PATH] = "metrics", "/metrics"
+        request[ENDPOINT], request[PATH] = "metrics", METRICS_PATH
         if request.method not in ("GET", "HEAD"):
             return errors.response(MethodNotAllowed({"GET", "HEAD"}))
         return await scrape(current())

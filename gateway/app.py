@@ -126,7 +126,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     _check_framing(request)
     target = normalize(request.raw_path)
     request[PATH] = target.path
-    own = own_endpoint(gw.endpoints, gw.config.auth_prefix, target.path)
+    own = own_endpoint(gw.endpoints, gw.config, target.path)
     if own is None:
         return await pipeline.handle(gw, request, target)
     request[ENDPOINT] = _ENDPOINT_NAMES.get(target.path, "auth")
@@ -164,19 +164,20 @@ _ENDPOINT_NAMES = {"/healthz": "health", "/readyz": "health", "/metrics": "metri
                    "/.well-known/jwks.json": "jwks"}
 
 
-def own_endpoint(table: dict[str, dict[str, Handler]], auth_prefix: str, path: str) \
+def own_endpoint(table: dict[str, dict[str, Handler]], config: Config, path: str) \
         -> dict[str, Handler] | None:
-    """The gateway's endpoint at ``path``: an exact entry, or ``parent/{id}`` for one more
-    non-empty segment (the handler reads the id from the normalized path). None when the
-    path is for the proxied pipeline; NotFound for any other path under the auth prefix (in
-    any case), which belongs to the gateway."""
+    """The gateway's endpoint at ``path`` in ``table`` (``own_endpoints(config)``): an
+    exact entry, or ``parent/{id}`` for one more non-empty segment (the handler reads the id
+    from the normalized path). None when the path is for the proxied pipeline; NotFound for
+    any other path that belongs to the gateway whatever the routes say: under the auth
+    prefix, and the metrics path (admin.kept_from_routes), in any case."""
     own = table.get(path)
     if own is None:
         parent, _, last = path.rpartition("/")
         own = table.get(parent + "/{id}") if last else None
     if own is None:
-        prefix, folded = auth_prefix.lower(), path.lower()
-        if folded == prefix or folded.startswith(prefix + "/"):
+        prefix, folded = config.auth_prefix.lower(), path.lower()
+        if folded == prefix or folded.startswith(prefix + "/") or admin.kept_from_routes(config.metrics, path):
             raise NotFound()
     return own
 

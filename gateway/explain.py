@@ -1,16 +1,23 @@
 """``gateway routes explain`` and the route warnings of ``gateway check``: what the gateway
 would do with one request, told from the same functions that decide it when serving
-(paths.normalize, app.own_endpoint, RouteTable.route_for, routes.required,
-pipeline.authorize, Proxy.upstream_url), so the explanation cannot drift from the behaviour.
+(aiohttp's HTTP request parser, paths.normalize, app.own_endpoint, RouteTable.route_for,
+routes.required, pipeline.authorize, Proxy.upstream_url), so the explanation cannot drift
+from the behaviour.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
-from . import cors
+from aiohttp import http_exceptions
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpRequestParser
+
+from . import admin, cors, errors
 from .app import own_endpoint, own_endpoints, own_handler
 from .config import Access, Config, Route
 from .errors import BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthorized
@@ -103,17 +110,30 @@ class Explanation:
 
 
 def explain(config: Config, method: str, target: str, caller: Caller) -> Explanation:
-    """What the gateway answers ``method target`` from ``caller``, and why."""
-    method = method.upper()
+    """What the gateway answers ``method target`` from ``caller``, and why. The method is
+    taken as written: the request line ``method target HTTP/1.1`` goes through the HTTP
+    parser the server uses, which refuses what it does not know (lower-case methods, say)."""
     ex = Explanation(method=method, target=target, caller=caller)
+    by_parser = _refused_by_parser(method, target)
+    if by_parser is not None:
+        ex.status, ex.code, ex.why = by_parser
+        return ex
+    if method == "CONNECT":
+        # aiohttp reads any CONNECT target as an authority (host:port), which its router
+        # answers 404 before the gateway sees the request: the gateway tunnels nothing.
+        ex.status, ex.code = 404, "not_found"
+        ex.why = "CONNECT is answered 404 before any route is looked at (the gateway tunnels nothing)"
+        return ex
     try:
         normalized = normalize(target)
         ex.path, ex.query = normalized.path, normalized.query
-        own = own_endpoint(own_endpoints(config), config.auth_prefix, normalized.path)
+        own = own_endpoint(own_endpoints(config), config, normalized.path)
         if own is not None:
             ex.endpoint = normalized.path
             own_handler(own, method)
             ex.allowed, ex.why = True, "the gateway answers it (its own rules apply, e.g. /auth/me needs a token)"
+            if admin.kept_from_routes(config.metrics, normalized.path):
+                ex.notes.append(admin.where(config.metrics))
             return ex
         table = RouteTable(config.routes)
         ex.route = route = table.route_for(normalized.path)
@@ -126,7 +146,9 @@ def explain(config: Config, method: str, target: str, caller: Caller) -> Explana
             authorize(access, _identity(caller))
     except GatewayError as refused:
         ex.allowed, ex.status, ex.code = False, refused.status, refused.code
-        ex.why = _why(ex, refused, config.auth_prefix)
+        ex.why = _why(ex, refused, config)
+        if ex.path is not None and admin.kept_from_routes(config.metrics, ex.path):
+            ex.notes.append(admin.where(config.metrics))
         return ex
     ex.allowed = True
     ex.upstream_url = str(Proxy(config).upstream_url(route, normalized))
@@ -160,6 +182,9 @@ def route_warnings(config: Config) -> list[str]:
             out.append(f"routes[{route.index}] {route.path} is never matched: "
                        + (f"{config.auth_prefix} and everything below it belong to the gateway"
                           if under_prefix else f"{route.path} is served by the gateway itself"))
+        elif route.path == literal and admin.kept_from_routes(config.metrics, literal):
+            out.append(f"routes[{route.index}] {route.path} is never matched: the main listener answers it "
+                       f"404 ({admin.where(config.metrics)})")
     return out
 
 
@@ -192,7 +217,28 @@ def _access_for_explaining(route: Route, method: str) -> Access | None:
         return None
 
 
-def _why(ex: Explanation, refused: GatewayError, auth_prefix: str) -> str:
+def _refused_by_parser(method: str, target: str) -> tuple[int, str, str] | None:
+    """(status, code, why) when the server's HTTP parser refuses the request line
+    ``method target HTTP/1.1``, answered as server.py answers it; None when it takes it."""
+    if any(c in method + target for c in "\r\n") or not method:
+        return 400, "invalid_request", "a request line cannot hold that: the method and target are one line each"
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16)
+        parser.feed_data(f"{method} {target} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode("utf-8", "surrogateescape"))
+    except http_exceptions.HttpProcessingError as exc:
+        refused = errors.for_status(exc.code, HTTPStatus(exc.code).phrase)
+        reason = (exc.message or type(exc).__name__).split(":", 1)[0].strip()
+        return refused.status, refused.code, (f"the HTTP parser refuses the request line before the gateway "
+                                              f"sees it ({reason}; methods are case-sensitive, and only the "
+                                              f"ones it knows are taken)")
+    finally:
+        loop.close()
+    return None
+
+
+def _why(ex: Explanation, refused: GatewayError, config: Config) -> str:
+    auth_prefix = config.auth_prefix
     route, access, caller = ex.route, ex.access, ex.caller
     where = f"routes[{route.index}]" if route else ""
     if isinstance(refused, MethodNotAllowed):
@@ -205,6 +251,12 @@ def _why(ex: Explanation, refused: GatewayError, auth_prefix: str) -> str:
         prefix, path = auth_prefix.lower(), (ex.path or "").lower()
         if path == prefix or path.startswith(prefix + "/"):
             return f"{auth_prefix} belongs to the gateway, which serves nothing at {ex.path}"
+        if admin.kept_from_routes(config.metrics, ex.path or ""):
+            if config.metrics.listen is not None:
+                return (f"the main listener answers the metrics path ({ex.path}: /metrics in any case, with or "
+                        f"without a trailing slash) 404, whatever the routes say")
+            return (f"{ex.path} is another spelling of the metrics path: only /metrics itself is served, the "
+                    f"others get 404, whatever the routes say")
         return f"no route matches {ex.path} (a path no route matches is denied)"
     if isinstance(refused, BadRequest):
         if refused.code == "ambiguous_method" and route is not None:

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 import yaml
+from processes import free_port
 
 from gateway import config as config_module
 from gateway.config import AUTHENTICATED, PUBLIC, Access, Route
 from gateway.explain import Caller, explain, route_warnings
 from gateway.routes import shadowed
 
-from conftest import GatewayFactory, raw_request
+from conftest import Gateway, GatewayFactory, raw_request
 
 SECRET = "explain-test-secret-0123456789abcdef0123456789"
 ANONYMOUS = Caller()
@@ -54,6 +55,10 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def config(config_file: Path) -> config_module.Config:
     return config_module.load(config_file)
+
+
+PARSER = ("the HTTP parser refuses the request line before the gateway sees it (Invalid method encountered; "
+          "methods are case-sensitive, and only the ones it knows are taken)")
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,23 @@ ROWS = [
     Row("an encoded slash is refused before any route is looked at",
         "GET", "/admin%2Fusers", ADMIN, None, 400, "ambiguous_path", "An encoded '/', '\\' or ';' is not allowed in the path."),
     Row("a target that is not a path is refused",
-        "GET", "admin", ADMIN, None, 400, "invalid_path", "The request target must be a path."),
+        "OPTIONS", "*", ADMIN, None, 400, "invalid_path", "The request target must be a path."),
+    Row("a target the HTTP parser cannot read is refused before the gateway sees it",
+        "GET", "admin", ADMIN, None, 400, "invalid_request",
+        "the HTTP parser refuses the request line before the gateway sees it (Invalid characters in url; "
+        "methods are case-sensitive, and only the ones it knows are taken)"),
+    Row("a method is taken as written: a lower-case one is refused by the HTTP parser, whatever the role",
+        "get", "/admin/x", ADMIN, None, 400, "invalid_request", PARSER),
+    Row("a method the HTTP parser does not know is refused too",
+        "FOO", "/x", USER, None, 400, "invalid_request", PARSER),
+    Row("a method it knows goes to the routes like any other (here /**, any method)",
+        "PROPFIND", "/home", USER, 4, 200, None, "http://127.0.0.1:8000/home"),
+    Row("...and a route listing its methods answers 405 to the others",
+        "M-SEARCH", "/admin/x", ADMIN, 1, 405, "method_not_allowed",
+        "method M-SEARCH not allowed on routes[1] (GET, HEAD, POST)"),
+    Row("CONNECT is answered 404: the gateway tunnels nothing",
+        "CONNECT", "/home", ADMIN, None, 404, "not_found",
+        "CONNECT is answered 404 before any route is looked at (the gateway tunnels nothing)"),
     Row("the gateway's own endpoints are reported as such",
         "POST", "/auth/login", ANONYMOUS, None, 200, None,
         "the gateway answers it (its own rules apply, e.g. /auth/me needs a token)"),
@@ -115,6 +136,13 @@ ROWS = [
         "method DELETE not allowed on /auth/login (GET, HEAD, POST)"),
     Row("the auth prefix belongs to the gateway, in any case",
         "GET", "/AUTH/nothing", ADMIN, None, 404, "not_found", "/auth belongs to the gateway, which serves nothing at /AUTH/nothing"),
+    Row("/metrics is the gateway's (served on the main listener by default), not /**'s",
+        "GET", "/metrics", ANONYMOUS, None, 200, None,
+        "the gateway answers it (its own rules apply, e.g. /auth/me needs a token)"),
+    Row("the metrics path in another spelling is kept from the routes too, and answered 404",
+        "GET", "/METRICS/", ADMIN, None, 404, "not_found",
+        "/METRICS/ is another spelling of the metrics path: only /metrics itself is served, the others get 404, "
+        "whatever the routes say"),
     Row("the health endpoint is the gateway's, not /**'s",
         "GET", "/healthz", ANONYMOUS, None, 200, None,
         "the gateway answers it (its own rules apply, e.g. /auth/me needs a token)"),
@@ -151,7 +179,7 @@ def gateway(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_refused_prints_each_step_and_exits_1(config_file: Path) -> None:
-    proc = gateway("routes", "explain", "-c", str(config_file), "get", "/static/../admin//users", "--role", "user")
+    proc = gateway("routes", "explain", "-c", str(config_file), "GET", "/static/../admin//users", "--role", "user")
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [
         "request   GET /static/../admin//users",
@@ -198,24 +226,50 @@ AGREEMENT = [  # (method, target, who): sent to a real gateway and explained, th
     ("GET", "/Admin/x", "alice"), ("DELETE", "/admin/x", "bob"), ("POST", "/admin/x?_method=DELETE", "bob"),
     ("GET", "/team/x", "alice"), ("GET", "/team/x", "bob"), ("GET", "/home", None), ("GET", "/home", "alice"),
     ("GET", "/a%2fb", "alice"), ("GET", "/auth/nothing", "alice"), ("GET", "/healthz", None),
+    # methods as the HTTP parser takes them: case-sensitive, and only those it knows
+    ("get", "/admin/x", "bob"), ("Get", "/home", "alice"), ("FOO", "/x", "alice"), ("DESCRIBE", "/x", "bob"),
+    ("PROPFIND", "/home", "alice"), ("M-SEARCH", "/home", "alice"), ("PROPFIND", "/admin/x", "bob"),
+    ("PURGE", "/static/x", None), ("CONNECT", "/home", "alice"), ("CONNECT", "example.com:443", None),
+    ("GET", "admin", None), ("OPTIONS", "*", None), ("GET", "*", None),
 ]
+METRICS_PATHS = [(method, target, who) for method in ("GET", "POST", "PROPFIND")
+                 for target in ("/metrics", "/METRICS", "/Metrics", "/metrics/", "//metrics", "/%6detrics",
+                                "/metrics.txt")
+                 for who in (None, "alice")]
+CLAIMS = {"alice": Caller(roles=("user",), claims={"sub": "alice"}),
+          "bob": Caller(roles=("admin",), claims={"sub": "bob"})}
 
 
-async def test_explain_agrees_with_the_running_gateway(gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory()
-    tokens = {who: await gw.token(who) for who in ("alice", "bob")}
-    claims = {"alice": Caller(roles=("user",), claims={"sub": "alice"}),
-              "bob": Caller(roles=("admin",), claims={"sub": "bob"})}
-    for method, target, who in AGREEMENT:
+async def _agree(gw: Gateway, requests: list[tuple[str, str, str | None]]) -> None:
+    """Each request, sent as raw bytes to ``gw`` and explained: the same status and code."""
+    tokens = {who: await gw.token(who) for who in CLAIMS}
+    for method, target, who in requests:
         auth = [f"Authorization: Bearer {tokens[who]}"] if who else []
         lines = [f"{method} {target} HTTP/1.1", "Host: gateway.test", "Accept: application/json",
                  "Connection: close", *auth]
         answer = await raw_request(gw.port, ("\r\n".join(lines) + "\r\n\r\n").encode())
-        ex = explain(gw.config, method, target, claims[who] if who else ANONYMOUS)
+        ex = explain(gw.config, method, target, CLAIMS[who] if who else ANONYMOUS)
         status = answer.status if answer.status >= 400 else 200
-        assert (method, target, who, ex.status) == (method, target, who, status)
+        code = json.loads(answer.body)["error"] if answer.status >= 400 else None
+        assert (method, target, who, ex.status, ex.code) == (method, target, who, status, code)
         if answer.status < 400 and ex.route is not None:
             assert json.loads(answer.body)["target"] == ex.upstream_url.removeprefix(gw.config.upstreams["app"].url)  # type: ignore[union-attr]
+
+
+async def test_explain_agrees_with_the_running_gateway(gateway_factory: GatewayFactory) -> None:
+    await _agree(await gateway_factory(), AGREEMENT)
+
+
+@pytest.mark.parametrize("metrics", [{}, {"listen": "ADMIN"}, {"enabled": False}],
+                         ids=["on the main listener", "on an admin listener", "disabled"])
+async def test_explain_agrees_on_the_metrics_path(gateway_factory: GatewayFactory, metrics: dict[str, Any]) -> None:
+    if metrics.get("listen") == "ADMIN":
+        metrics = {"listen": f"127.0.0.1:{free_port()}"}
+    gw = await gateway_factory(lambda raw: raw.update(metrics=metrics))
+    await _agree(gw, METRICS_PATHS)
+    if "listen" in metrics:
+        ex = explain(gw.config, "GET", "/metrics", ANONYMOUS)
+        assert ex.notes == [f"GET /metrics is served only on the admin listener, {metrics['listen']} (metrics.listen)"]
 
 
 # --- routes that never match ----------------------------------------------------------------

@@ -37,7 +37,16 @@ from gateway.reload import restart_needed
 from gateway.sessions import hash_token
 from gateway.store import Session, open_store
 
-from conftest import PASSWORDS, Gateway, GatewayFactory, Upstream, add_test_users, base_config
+from conftest import (
+    PASSWORDS,
+    Gateway,
+    GatewayFactory,
+    Upstream,
+    add_test_users,
+    base_config,
+    raw_get,
+    raw_request,
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -187,14 +196,22 @@ async def test_upstream_errors_by_kind(gateway_factory: GatewayFactory, upstream
     assert changes(before, after, "gateway_upstream_errors_total") == {("connect",): 1, ("timeout",): 1}
 
 
-async def test_admin_listener(gateway_factory: GatewayFactory) -> None:
+async def test_admin_listener(gateway_factory: GatewayFactory, upstream: Upstream) -> None:
     port = free_port()
     gw = await gateway_factory(lambda raw: raw.update(metrics={"listen": f"127.0.0.1:{port}"}))
     admin = f"http://127.0.0.1:{port}"
-    for method in ("GET", "POST"):
-        async with gw.http.request(method, f"{gw.url}/metrics") as resp:  # never the routes' /**
-            assert resp.status == 404
-            assert (await resp.json())["error"] == "not_found"
+    token = await gw.token()
+    seen = len(upstream.seen)
+    # never the routes' /**, in any spelling of the path, with a token or without
+    for path in ("/metrics", "/METRICS", "/Metrics", "/metrics/", "/METRICS/", "//metrics", "/%6detrics",
+                 "/./metrics"):
+        for method in ("GET", "POST", "PROPFIND"):
+            for headers in ({}, bearer(token)):
+                answer = await raw_request(gw.port, raw_get(path, *(f"{k}: {v}" for k, v in headers.items()))
+                                           .replace(b"GET ", f"{method} ".encode(), 1))
+                assert (path, method, answer.status) == (path, method, 404)
+                assert json.loads(answer.body)["error"] == "not_found"
+    assert upstream.seen[seen:] == []
     before = await scrape(gw.http, f"{admin}/metrics")
     async with gw.http.get(f"{gw.url}/static/x") as resp:
         assert resp.status == 200
@@ -214,6 +231,21 @@ async def test_metrics_disabled_leaves_the_path_to_the_routes(gateway_factory: G
     async with gw.http.get(f"{gw.url}/metrics", headers=bearer(await gw.token())) as resp:
         assert resp.status == 200
     assert upstream.seen[-1].target == "/metrics"
+
+
+async def test_metrics_on_the_main_listener_only_at_the_exact_path(gw: Gateway, upstream: Upstream) -> None:
+    token = await gw.token()
+    async with gw.http.get(f"{gw.url}/metrics") as resp:
+        assert resp.status == 200
+        assert "gateway_requests_total" in await resp.text()
+    seen = len(upstream.seen)
+    for path in ("/METRICS", "/Metrics", "/metrics/"):  # kept from the routes, as the auth prefix is
+        answer = await raw_request(gw.port, raw_get(path, f"Authorization: Bearer {token}"))
+        assert (path, answer.status, json.loads(answer.body)["error"]) == (path, 404, "not_found")
+    assert upstream.seen[seen:] == []
+    async with gw.http.get(f"{gw.url}/metrics.txt", headers=bearer(token)) as resp:  # another path
+        assert resp.status == 200
+    assert upstream.seen[-1].target == "/metrics.txt"
 
 
 # --- config ---------------------------------------------------------------------------------
