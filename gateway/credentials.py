@@ -53,6 +53,15 @@ refresh uses those roles:
   ends them early with ``gateway sessions revoke --user NAME`` or ``gateway users disable``.
 
 A disabled row (``gateway users disable NAME``) refuses logins for every source.
+
+**A row belongs to one source** (:func:`belongs`): a store user's row has a real hash, an
+htpasswd user's row the htpasswd mark, an upstream user's row the upstream mark. A refresh
+is refused for a row that does not belong to the active ``users.source`` (a switch of the
+source leaves no earlier session alive), and a login that takes over a row that was not
+already its own for the same entry (a self-registered store user, a user of the other
+source, an htpasswd entry since replaced) first ends every session of that row: whoever
+held them was someone else. A reload that changes ``users.source`` ends the sessions of
+every row the new source does not own (:meth:`Credentials.end_foreign_sessions`).
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ from .errors import StoreUnavailable, Unauthorized, UserError
 from .store import Store, User
 
 log = logging.getLogger("gateway.credentials")
+security = logging.getLogger("gateway.security")
 T = TypeVar("T")
 
 _hasher = argon2.PasswordHasher()  # argon2id, RFC 9106 low-memory profile
@@ -92,6 +102,21 @@ MAX_CLAIM_TEXT = 200  # characters of a claim taken from the upstream's answer
 MAX_CLAIM_ITEMS = 16  # ... and items of a list
 MAX_CLAIMS_JSON = 1024  # bytes of all of them, as JSON
 _BCRYPT_MAX = 72  # bytes of a password that bcrypt uses (Apache's htpasswd cuts there too)
+
+
+def belongs(user: User, source: str) -> bool:
+    """Whether a store row is a user of ``source`` (a ``users.source``): the one rule that
+    says which rows a refresh may continue (see the module's docstring)."""
+    mark = user.password_hash
+    if source == "htpasswd":
+        return mark.startswith(HTPASSWD_MARK)
+    if source == "upstream":
+        return mark == UPSTREAM_MARK
+    return not (mark.startswith(HTPASSWD_MARK) or mark.startswith(UPSTREAM_MARK))
+
+
+def _source_of(user: User) -> str:
+    return next((source for source in ("htpasswd", "upstream", "store") if belongs(user, source)), "none")
 
 
 def hash_password(password: str) -> str:
@@ -144,6 +169,19 @@ class Credentials:
                 self._watcher = asyncio.get_running_loop().create_task(self._file.watch())
             except RuntimeError:  # no loop running: the file is looked at on each login instead
                 pass
+
+    async def end_foreign_sessions(self) -> int:
+        """End the sessions of every row that is not a user of the active source: after a
+        reload that switched ``users.source``, none of them may go on. How many ended."""
+        ended = 0
+        for row in await self.store.list_users():
+            if not belongs(row, self.users.source):
+                count = await self.store.revoke_user_sessions(row.name, self.clock(), "user_source_changed")
+                if count:
+                    security.warning("user_source_changed", extra={"fields": {
+                        "user": row.name, "was": _source_of(row), "now": self.users.source, "ended": count}})
+                ended += count
+        return ended
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -250,18 +288,28 @@ class Credentials:
     async def _keep_row(self, row: User | None, name: str, mark: str, roles: tuple[str, ...],
                         claims: tuple[tuple[str, Any], ...] = ()) -> User:
         """Write the row that refreshes read: see the module's docstring."""
-        user = User(name=name, password_hash=mark, roles=roles, claims=claims,
-                    created_at=row.created_at if row is not None else self.clock())
         if row is None:
+            user = User(name=name, password_hash=mark, roles=roles, claims=claims, created_at=self.clock())
             try:
                 await self.store.add_user(user)
                 return user
-            except UserError:  # another process was first
-                pass
-        elif row.password_hash == mark and row.roles == roles and row.claims == claims:
+            except UserError:  # another process was first: whatever it wrote is judged below
+                row = await self.store.get_user(name)
+                if row is None:
+                    raise InvalidCredentials().because("row_vanished") from None
+                if row.disabled:
+                    raise InvalidCredentials().because("disabled") from None
+        if row.password_hash != mark:
+            # Not this source's row for this very entry: its sessions were someone else's
+            # (a self-registered store user of the same name, a user of another source, a
+            # replaced htpasswd entry). They end before the row changes hands.
+            ended = await self.store.revoke_user_sessions(name, self.clock(), "user_replaced")
+            security.warning("user_replaced", extra={"fields": {
+                "user": name, "was": _source_of(row), "now": self.users.source, "ended": ended}})
+        elif row.roles == roles and row.claims == claims:
             return row
         await self.store.update_user(name, password_hash=mark, roles=roles, claims=claims)
-        return user
+        return User(name=name, password_hash=mark, roles=roles, claims=claims, created_at=row.created_at)
 
 
 def _htpasswd_mark(entry: htpasswd.Entry) -> str:

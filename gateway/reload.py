@@ -28,7 +28,7 @@ from aiohttp.typedefs import Handler
 from . import config as config_module
 from . import cookies, metrics
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, StoreUnavailable
 from .state import GATEWAY, Gateway
 
 log = logging.getLogger("gateway")
@@ -122,11 +122,26 @@ class Live:
                                                               new.cookies))
             await gw.proxy.start()
             self.swap(gw)
+            if new.users.source != old.config.users.source:
+                await _end_foreign_sessions(gw)
             log.info("config_reloaded", extra={"fields": {
                 "config": source, "routes": len(new.routes),
                 "signing_key": new.tokens.keys[0].kid, "keys": [k.kid for k in new.tokens.keys]}})
             metrics.config_reloaded(ok=True)
             return True
+
+
+async def _end_foreign_sessions(gw: Gateway) -> None:
+    """After a switch of ``users.source``, no session of a user the new source does not own
+    goes on (their refreshes are refused regardless: sessions.Sessions.refresh); ending
+    them now stops their access tokens too."""
+    try:
+        ended = await gw.credentials.end_foreign_sessions()
+        await gw.revocations.sync()
+    except StoreUnavailable as exc:
+        log.warning("users_source_sessions_not_ended", extra={"fields": {"reason": exc.reason}})
+        return
+    log.info("users_source_changed", extra={"fields": {"source": gw.config.users.source, "ended": ended}})
 
 
 LIVE = web.AppKey("live", Live)

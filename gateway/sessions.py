@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from . import metrics
 from .config import Tokens
+from .credentials import belongs
 from .errors import Unauthorized
 from .revocations import Revocations
 from .store import RefreshRules, Session, Store, User
@@ -66,8 +67,9 @@ def successor(chain_key: bytes, token: str) -> str:
 
 class Sessions:
     def __init__(self, store: Store, cfg: Tokens, clock: Callable[[], float],
-                 revocations: Revocations) -> None:
+                 revocations: Revocations, *, source: str = "store") -> None:
         self.store = store
+        self.source = source  # users.source: a refresh continues only the rows of its users
         self.cfg = cfg
         self.clock = clock
         self.rules = RefreshRules(idle_ttl=cfg.refresh_idle_ttl, reuse_grace=cfg.reuse_grace)
@@ -109,10 +111,13 @@ class Sessions:
             raise RefreshRefused(*_REFUSALS[rotation.outcome]).because(rotation.outcome)
         session, user = rotation.session, rotation.user
         new_token = successor(session.chain_key, token)
-        if user is None or user.disabled:
+        if user is None or user.disabled or not belongs(user, self.source):
+            # A row of another users.source (the source was switched, or the row was taken
+            # over): its sessions end like a disabled user's, and their access tokens too.
+            reason = "user_disabled" if user is None or user.disabled else "user_source_changed"
             metrics.refresh("revoked")
-            await self.end(session.id, "user_disabled")
-            raise RefreshRefused(*_REFUSALS["revoked"]).because("user_disabled")
+            await self.end(session.id, reason)
+            raise RefreshRefused(*_REFUSALS["revoked"]).because(reason)
         metrics.refresh(rotation.outcome)
         return Refreshed(session, user, new_token)
 

@@ -61,7 +61,7 @@ class Gateway:
             clock=clock,
             routes=RouteTable(config.routes),
             tokens=AccessTokens(config.tokens, clock),
-            sessions=Sessions(store, config.tokens, clock, revocations),
+            sessions=Sessions(store, config.tokens, clock, revocations, source=config.users.source),
             credentials=credentials or Credentials(store, config.users, clock),
             proxy=Proxy(config, retired_cookies),
             revocations=revocations,

@@ -24,8 +24,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway import htpasswd
-from gateway.credentials import HTPASSWD_MARK, UPSTREAM_MARK, verify_password
+from gateway.credentials import HTPASSWD_MARK, UPSTREAM_MARK, belongs, verify_password
 from gateway.logs import JsonFormatter
+from gateway.store import User
 
 from conftest import PASSWORDS, SECRET, Gateway, GatewayFactory, Upstream
 
@@ -461,3 +462,106 @@ async def test_upstream_form(gateway_factory: GatewayFactory, legacy: Legacy) ->
 async def test_upstream_down(gateway_factory: GatewayFactory, legacy: Legacy) -> None:
     gw = await gateway_factory(upstream_users("http://127.0.0.1:9/api/login"))  # nothing listens there
     assert (await login(gw, "grace", GOOD["grace"]))[:2] == (401, REFUSED)
+
+
+# --- a row belongs to one source ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("password_hash", "source"), [
+    ("$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA", "store"),  # a store user's real hash
+    (HTPASSWD_MARK + "0123456789abcdef", "htpasswd"),  # kept for an htpasswd entry
+    (UPSTREAM_MARK, "upstream"),  # kept for a user of the upstream source
+])
+def test_each_row_belongs_to_exactly_one_source(password_hash: str, source: str) -> None:
+    row = User(name="dave", password_hash=password_hash, roles=(), created_at=0.0)
+    assert {s for s in ("store", "htpasswd", "upstream") if belongs(row, s)} == {source}
+
+
+def _on(db: Path, **users: Any) -> Callable[[dict[str, Any]], None]:
+    """A gateway on the shared store ``db``, with self-registration or the given users."""
+    def change(raw: dict[str, Any]) -> None:
+        raw["store"] = f"sqlite:///{str(db).lstrip('/')}"
+        raw["throttle"] = LENIENT_THROTTLE
+        if users:
+            raw["users"] = users
+        else:
+            raw["registration"] = {"enabled": True}
+    return change
+
+
+async def register(gw: Gateway, name: str, password: str) -> dict[str, Any]:
+    async with gw.http.post(f"{gw.url}/auth/register", json={"username": name, "password": password}) as resp:
+        assert resp.status == 201, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        body["refresh_token"] = resp.cookies["gw_refresh"].value
+        return body
+
+
+async def test_an_htpasswd_login_takes_over_a_registered_row_and_ends_its_sessions(
+        gateway_factory: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    db, path = tmp_path / "shared.db", tmp_path / "users.htpasswd"
+    store_gw = await gateway_factory(_on(db))
+    attacker = await register(store_gw, "dave", "attacker-password-1")
+    write(path, entry("dave", "dave-password-1"))
+    gw = await gateway_factory(_on(db, source="htpasswd", file=str(path), default_roles=["reader"]))
+
+    status, dave, _ = await login(gw, "dave", "dave-password-1")  # the real dave, from the file
+    assert status == 200, dave
+    assert claims(dave["access_token"])["sub"] == "dave"
+    session = await gw.store.get_session(claims(attacker["access_token"])["sid"])
+    assert session is not None and session.revoked_reason == "user_replaced"
+    for where in (gw, store_gw):  # the earlier session cannot become htpasswd dave's anywhere
+        status, body = await refresh(where, attacker["refresh_token"])
+        assert (status, body["error"]) == (401, "session_revoked")
+    [replaced] = [r for r in caplog.records if r.getMessage() == "user_replaced"]
+    assert replaced.name == "gateway.security"
+    assert replaced.fields == {"user": "dave", "was": "store", "now": "htpasswd", "ended": 1}  # type: ignore[attr-defined]
+
+    # htpasswd dave's own row and sessions are his: a second login ends nothing
+    status, again, _ = await login(gw, "dave", "dave-password-1")
+    assert status == 200
+    assert (await refresh(gw, dave["refresh_token"]))[0] == 200
+    assert len([r for r in caplog.records if r.getMessage() == "user_replaced"]) == 1
+
+
+async def test_an_upstream_login_takes_over_an_htpasswd_row_and_ends_its_sessions(
+        gateway_factory: GatewayFactory, legacy: Legacy, tmp_path: Path) -> None:
+    db, path = tmp_path / "shared.db", tmp_path / "users.htpasswd"
+    write(path, entry("grace", "file-password-1"))
+    file_gw = await gateway_factory(_on(db, source="htpasswd", file=str(path)))
+    status, earlier, _ = await login(file_gw, "grace", "file-password-1")
+    assert status == 200
+    gw = await gateway_factory(_on(db, source="upstream", url=legacy.url, timeout="500ms",
+                                   roles_field="user.roles"))
+    status, now, _ = await login(gw, "grace", GOOD["grace"])
+    assert status == 200
+    session = await gw.store.get_session(claims(earlier["access_token"])["sid"])
+    assert session is not None and session.revoked_reason == "user_replaced"
+    assert (await refresh(gw, earlier["refresh_token"]))[0] == 401
+    assert (await refresh(gw, now["refresh_token"]))[0] == 200
+
+
+async def test_a_refresh_is_refused_for_a_user_of_another_source(
+        gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    db, path = tmp_path / "shared.db", tmp_path / "users.htpasswd"
+    store_gw = await gateway_factory(_on(db))
+    attacker = await register(store_gw, "dave", "attacker-password-1")
+    alice = await store_gw.login("alice")
+    still = await store_gw.login("alice")
+    write(path, entry("erin", "erin-password-1"))
+    gw = await gateway_factory(_on(db, source="htpasswd", file=str(path)))
+
+    # the store's users, registered or added, cannot go on under htpasswd
+    for earlier in (attacker, alice):
+        status, body = await refresh(gw, earlier["refresh_token"])
+        assert (status, body["error"]) == (401, "session_revoked")
+        session = await gw.store.get_session(claims(earlier["access_token"])["sid"])
+        assert session is not None and session.revoked_reason == "user_source_changed"
+    # ... nor an htpasswd user under the store source
+    status, erin, _ = await login(gw, "erin", "erin-password-1")
+    assert status == 200
+    assert (await refresh(gw, erin["refresh_token"]))[0] == 200
+    assert (await refresh(store_gw, erin["refresh_token"]))[0] == 401
+    # each source's own users refresh as before
+    assert (await refresh(store_gw, still["refresh_token"]))[0] == 200

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -358,6 +359,35 @@ async def test_renamed_cookies_never_reach_the_upstream_and_logout_expires_them(
     await until(lambda: len(gw.events("config_reloaded")) == 2, "the secure cookies are in use")
     assert await upstream_hears(every_variant("t", "sess_a", "sess_r", "gw_access") + "; app=1") == "app=1"
     assert await upstream_hears("sess_rx=1; xsess_r=2") == "sess_rx=1; xsess_r=2"  # others' cookies pass
+
+
+async def test_a_reload_to_htpasswd_ends_the_store_users_sessions(gateway: Any, tmp_path: Path) -> None:
+    gw = await gateway(registration="{enabled: true}")
+    async with gw.http.post(f"{gw.url}/auth/register",
+                            json={"username": "dave", "password": "attacker-password-1"}) as resp:
+        assert resp.status == 201
+        attacker = {"access": (await resp.json())["access_token"], "refresh": resp.cookies["gw_refresh"].value}
+    alice = await gw.login()
+    assert await gw.status("/profile", attacker["access"]) == 200
+
+    made = bcrypt.hashpw(b"dave-password-1", bcrypt.gensalt(5)).decode()
+    (tmp_path / "users.htpasswd").write_text(f"dave:$2y${made[4:]}\n")
+    gw.write(users=f'{{source: htpasswd, file: "{tmp_path / "users.htpasswd"}"}}', registration="{enabled: false}")
+    gw.hangup()
+    await until(lambda: gw.events("config_reloaded"), "the htpasswd source is in use")
+    for earlier in (attacker, alice):  # ended by the reload: the access tokens stop too
+        await until(lambda: _is(gw, "/profile", 401, earlier["access"]), "the access token is refused")  # noqa: B023
+        status, body = await gw.refresh(earlier["refresh"])
+        assert (status, body["error"]) == (401, "session_revoked")
+    [changed] = gw.events("users_source_changed")
+    assert (changed["source"], changed["ended"]) == ("htpasswd", 2)
+
+    # the real dave signs in from the file; the attacker's session does not come back
+    async with gw.http.post(f"{gw.url}/auth/login", json={"username": "dave", "password": "dave-password-1"}) as resp:
+        assert resp.status == 200
+        dave = resp.cookies["gw_refresh"].value
+    assert (await gw.refresh(attacker["refresh"]))[0] == 401
+    assert (await gw.refresh(dave))[0] == 200
 
 
 # --- shutdown -----------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from gateway import users
+from gateway.config import Tokens
 from gateway.reload import LIVE
-from gateway.sessions import hash_token
-from gateway.store import RefreshRules, Session
+from gateway.revocations import Revocations
+from gateway.sessions import RefreshRefused, Sessions, hash_token
+from gateway.store import RefreshRules, Session, User, open_store
 
 from conftest import Gateway, GatewayFactory
 
@@ -296,3 +298,43 @@ async def test_parallel_refreshes_across_two_processes_make_one_chain(
     results = await asyncio.gather(*(_refresh(gw, token) for gw in [a, b] * 10))
     assert [status for status, _, _ in results] == [200] * 20
     assert len({successor for _, _, successor in results}) == 1
+
+
+# --- a session continues only under its user's source -------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "row_hash", "refused"), [
+    ("store", "!htpasswd:0123456789abcdef", True),  # an htpasswd row after a switch to the store
+    ("store", "!upstream", True),
+    ("htpasswd", None, True),  # a store user's row (its real hash) after a switch to htpasswd
+    ("htpasswd", "!upstream", True),
+    ("upstream", "!htpasswd:0123456789abcdef", True),
+    ("upstream", None, True),
+    ("htpasswd", "!htpasswd:0123456789abcdef", False),  # each source's own rows go on
+    ("upstream", "!upstream", False),
+    ("store", None, False),
+])
+async def test_refresh_refuses_a_row_of_another_source(
+        tmp_path: Path, source: str, row_hash: str | None, refused: bool) -> None:
+    store = await open_store(f"sqlite:{tmp_path / 'sessions.db'}")
+    try:
+        await store.add_user(User(name="dave", password_hash=row_hash or "$argon2id$v=19$m=65536,t=3,p=4$x$y",
+                                  roles=("user",), created_at=time.time()))
+        tokens = Tokens(issuer="i", audience="a", keys=())
+        revocations = Revocations(store, time.time, horizon=3600)
+        sessions = Sessions(store, tokens, time.time, revocations, source=source)
+        user = await store.get_user("dave")
+        assert user is not None
+        session, token = await sessions.start(user, "127.0.0.1", "test")
+        if not refused:
+            assert (await sessions.refresh(token)).user.name == "dave"
+            return
+        with pytest.raises(RefreshRefused) as caught:
+            await sessions.refresh(token)
+        assert (caught.value.code, caught.value.reason) == ("session_revoked", "user_source_changed")
+        assert caught.value.status == 401
+        assert revocations.is_revoked(session.id)  # its access tokens stop at once
+        ended = await store.get_session(session.id)
+        assert ended is not None and ended.revoked_reason == "user_source_changed"
+    finally:
+        await store.close()
