@@ -68,6 +68,21 @@ class Upstream:
     hold: asyncio.Event = field(default_factory=asyncio.Event)  # /slow waits for this
 
 
+@pytest.fixture
+async def whoami_url() -> AsyncIterator[str]:
+    """The URL of an upstream that answers any request with ``{"user": X-Auth-User}``: for
+    tests that start gateway processes of their own."""
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"user": request.headers.get("X-Auth-User")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ok)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
 def _pattern(size: int) -> bytes:
     block = hashlib.sha256(b"gateway").digest() * 2048  # 64 KiB of non-repeating-ish bytes
     return (block * (size // len(block) + 1))[:size]

@@ -18,15 +18,13 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from processes import free_port, start_gateway, stop, until_healthy
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -488,19 +486,6 @@ workers: 2
 """
 
 
-@pytest.fixture
-async def upstream_url() -> AsyncIterator[str]:
-    async def ok(request: web.Request) -> web.Response:
-        return web.json_response({"user": request.headers.get("X-Auth-User")})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
-
-
 def _served_by(log: Path, path: str) -> set[int]:
     return {line["pid"] for line in map(json.loads, log.read_text().splitlines())
             if line.get("event") == "request" and line.get("path") == path}
@@ -514,7 +499,7 @@ async def _until(check: Callable[[], Any], seconds: float = 15) -> None:
 
 
 @pytest.mark.slow
-async def test_two_workers_one_scrape_counts_both(tmp_path: Path, upstream_url: str,
+async def test_two_workers_one_scrape_counts_both(tmp_path: Path, whoami_url: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     db = tmp_path / "gateway.db"
     store = await open_store(f"sqlite:{db}")
@@ -522,7 +507,7 @@ async def test_two_workers_one_scrape_counts_both(tmp_path: Path, upstream_url: 
     await store.close()
     port = free_port()
     config = tmp_path / "gateway.yaml"
-    config.write_text(CONFIG.format(port=port, db=str(db).lstrip("/"), upstream=upstream_url,
+    config.write_text(CONFIG.format(port=port, db=str(db).lstrip("/"), upstream=whoami_url,
                                     secret=secrets.token_urlsafe(48)))
     temp = tmp_path / "temp"
     temp.mkdir()

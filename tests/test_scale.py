@@ -14,8 +14,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from processes import free_port, start_gateway, stop, until_healthy
 
 from gateway.store import open_store
@@ -38,19 +36,6 @@ routes: [{{path: /**, access: authenticated}}]
 workers: {workers}
 """
 SECRET = secrets.token_urlsafe(48)
-
-
-@pytest.fixture
-async def upstream_url() -> AsyncIterator[str]:
-    async def ok(request: web.Request) -> web.Response:
-        return web.json_response({"user": request.headers.get("X-Auth-User")})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
 
 
 @pytest.fixture
@@ -99,12 +84,12 @@ async def _all_refused_within(http: aiohttp.ClientSession, urls: list[str], toke
         await asyncio.sleep(0.02)
 
 
-async def test_two_workers_on_one_sqlite_file(tmp_path: Path, upstream_url: str, http: aiohttp.ClientSession) -> None:
+async def test_two_workers_on_one_sqlite_file(tmp_path: Path, whoami_url: str, http: aiohttp.ClientSession) -> None:
     db = tmp_path / "gateway.db"
     store = await open_store(f"sqlite:{db}")
     await add_test_users(store)
     await store.close()
-    config, url = _config(tmp_path, "workers", store=f"sqlite:///{db}", upstream=upstream_url, workers=2)
+    config, url = _config(tmp_path, "workers", store=f"sqlite:///{db}", upstream=whoami_url, workers=2)
     log = tmp_path / "gateway.log"
     proc = start_gateway(config, log=log)
     try:
@@ -122,14 +107,14 @@ async def test_two_workers_on_one_sqlite_file(tmp_path: Path, upstream_url: str,
 
 
 async def test_two_replicas_share_one_redis(
-    tmp_path: Path, upstream_url: str, http: aiohttp.ClientSession, redis_url: str
+    tmp_path: Path, whoami_url: str, http: aiohttp.ClientSession, redis_url: str
 ) -> None:
     prefix = f"gwtest:{secrets.token_hex(6)}:"
     store_url = f"{redis_url}?key_prefix={prefix}"
     async with redis_store(redis_url, prefix) as store:  # (deletes the keys afterwards)
         await add_test_users(store)
-        config_a, a = _config(tmp_path, "a", store=store_url, upstream=upstream_url)
-        config_b, b = _config(tmp_path, "b", store=store_url, upstream=upstream_url)
+        config_a, a = _config(tmp_path, "a", store=store_url, upstream=whoami_url)
+        config_b, b = _config(tmp_path, "b", store=store_url, upstream=whoami_url)
         proc_a, proc_b = start_gateway(config_a), start_gateway(config_b)
         try:
             await until_healthy(http, a, proc_a)
@@ -177,7 +162,7 @@ async def _until_redis(port: int) -> None:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-async def test_redis_going_away_and_coming_back(tmp_path: Path, upstream_url: str, http: aiohttp.ClientSession) -> None:
+async def test_redis_going_away_and_coming_back(tmp_path: Path, whoami_url: str, http: aiohttp.ClientSession) -> None:
     port = free_port()
     data = tmp_path / "redis"
     data.mkdir()
@@ -188,7 +173,7 @@ async def test_redis_going_away_and_coming_back(tmp_path: Path, upstream_url: st
         store = await open_store(f"redis://127.0.0.1:{port}/0")
         await add_test_users(store)
         await store.close()
-        config, url = _config(tmp_path, "outage", store=f"redis://127.0.0.1:{port}/0", upstream=upstream_url)
+        config, url = _config(tmp_path, "outage", store=f"redis://127.0.0.1:{port}/0", upstream=whoami_url)
         proc = start_gateway(config)
         await until_healthy(http, url, proc)
         tokens = await _login(http, url)
