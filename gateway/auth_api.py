@@ -22,7 +22,6 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from . import browser, cookies, errors, metrics, users
-from .credentials import hash_password
 from .errors import (
     BadRequest,
     Conflict,
@@ -144,7 +143,7 @@ async def register(request: web.Request) -> web.StreamResponse:
         users.check_registration(gw.config.registration, username, password)
     except UserError as exc:
         raise BadRequest(str(exc), _REGISTRATION_PROBLEMS[str(exc)]) from None
-    password_hash = await asyncio.get_running_loop().run_in_executor(None, hash_password, password)
+    password_hash = await gw.credentials.hash(password)
     user = User(name=username, password_hash=password_hash, roles=gw.config.users.default_roles,
                 created_at=gw.clock())
     try:

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,18 @@ REFUSED = {"error": "invalid_credentials", "error_description": "The user name o
 
 
 # --- store ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+async def test_passwords_are_hashed_at_the_lowest_cpu_priority(gw: Gateway) -> None:
+    """A login's ~100 ms of hashing must not stall the proxied requests on its core."""
+    from gateway.reload import LIVE  # noqa: PLC0415
+
+    assert (await login(gw, "alice", PASSWORDS["alice"]))[0] == 200
+    threads = list(gw.app[LIVE].current.credentials._pool._threads)
+    assert threads and all(t.native_id is not None for t in threads)
+    assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threads if t.native_id} == {19}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # the event loop's is not lowered
 
 
 async def test_store_hash_is_upgraded_on_login(gateway_factory: GatewayFactory) -> None:
