@@ -57,6 +57,7 @@ NEVER_FORWARDED = frozenset({
     "x-method-override", "x-original-url", "x-rewrite-url", "x-original-uri",
 })
 CHUNK = 64 * 1024
+SMALL_BODY = 64 * 1024  # an answer this size or smaller goes out in one write with its headers
 # A request id we pass on: up to 128 visible ASCII characters (no space, no control).
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -71,6 +72,9 @@ class _Relayed(web.StreamResponse):
     ``Content-Type: application/octet-stream`` to a body without one, and its own
     ``Server``, which would change how a browser treats the body and name the gateway's
     software. Only the framing headers are the gateway's to choose."""
+
+    def send_headers_with_body(self) -> None:
+        self._send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         sent = {name for name in (hdrs.CONTENT_TYPE, hdrs.SERVER) if name in self.headers}
@@ -318,6 +322,10 @@ class Proxy:
             elif route.strip_prefix and lower == "set-cookie":
                 value = _prefixed_cookie_path(value, route.strip_prefix)
             response.headers.add(name, value)
+        if answer.content_length is not None and answer.content_length <= SMALL_BODY:
+            # The headers go out with the body, in one write, rather than in a write of their
+            # own: most answers are small, and the upstream sent this one's body already.
+            response.send_headers_with_body()
         await response.prepare(request)
         try:
             async for chunk in answer.content.iter_chunked(CHUNK):
