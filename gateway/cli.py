@@ -211,12 +211,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _users_add(args: argparse.Namespace) -> int:
     users.check_username(args.name)
     roles = users.check_roles(args.role)
+    url = _store_url(args, passwords=True)
     password = _password(args, confirm=True)
 
     async def go(store: Store) -> None:
         await users.add(store, args.name, password, list(roles))
 
-    _with_store(args, go)
+    _with_store(args, go, url)
     print(f"added user {args.name}" + (f" with roles {', '.join(roles)}" if roles else ""))
     return 0
 
@@ -234,16 +235,16 @@ def _users_change(args: argparse.Namespace) -> int:
         "remove": users.remove, "disable": users.disable, "enable": users.enable}
     action = actions[args.action]
     ended = _with_store(args, lambda store: action(store, args.name))
-    if args.action != "enable":
-        _audit(f"user_{_past(args.action)}", user=args.name, ended=ended)
+    _audit(f"user_{_past(args.action)}", user=args.name, **({} if args.action == "enable" else {"ended": ended}))
     suffix = f"; ended {ended} session(s)" if ended else ""
     print(f"{_past(args.action)} user {args.name}{suffix}")
     return 0
 
 
 def _users_passwd(args: argparse.Namespace) -> int:
+    url = _store_url(args, passwords=True)
     password = _password(args, confirm=True)
-    ended = _with_store(args, lambda store: users.passwd(store, args.name, password))
+    ended = _with_store(args, lambda store: users.passwd(store, args.name, password), url)
     _audit("password_changed", user=args.name, ended=ended)
     print(f"changed the password of {args.name}; ended {ended} session(s)")
     return 0
@@ -260,22 +261,25 @@ def _sessions_list(args: argparse.Namespace) -> int:
 
 
 def _sessions_revoke(args: argparse.Namespace) -> int:
-    async def go(store: Store) -> int:
+    async def go(store: Store) -> tuple[str, int]:
         if args.user:
-            return await store.revoke_user_sessions(args.user, time.time(), "admin_revoke")
-        return int(await store.revoke_session(args.session, time.time(), "admin_revoke"))
+            if await store.get_user(args.user) is None:
+                raise UserError(f"no user named {args.user!r}")
+            return args.user, await store.revoke_user_sessions(args.user, time.time(), "admin_revoke")
+        session = await store.get_session(args.session)
+        if session is None or not await store.revoke_session(args.session, time.time(), "admin_revoke"):
+            raise UserError(f"no live session with id {args.session!r}")
+        return session.user, 1
 
-    ended = _with_store(args, go)
-    if args.session and not ended:
-        raise UserError(f"no live session with id {args.session!r}")
-    _audit("sessions_revoked", user=args.user, sid=args.session, ended=ended)
+    user, ended = _with_store(args, go)
+    _audit("sessions_revoked", user=user, sid=args.session, ended=ended)
     print(f"ended {ended} session(s)")
     return 0
 
 
 def _store_migrate(args: argparse.Namespace) -> int:
     async def go() -> tuple[int, int]:
-        source = await open_store(args.source)
+        source = await open_store(args.source, create=False)
         try:
             target = await open_store(args.target)
             try:
@@ -340,8 +344,24 @@ def _key_file(path: Path, config: str) -> str:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
-    url = args.store or config_module.load(args.config).store
+def _store_url(args: argparse.Namespace, *, passwords: bool = False) -> str:
+    """The store of ``--store``, else the config's. ``passwords``: for a command that sets a
+    password, which is refused when the config's ``users.source`` keeps passwords elsewhere
+    (a password set in the store would change nothing about who can sign in)."""
+    if args.store:
+        return str(args.store)
+    cfg = config_module.load(args.config)
+    if passwords and cfg.users.source == "htpasswd":
+        raise UserError(f"users.source is htpasswd: users and passwords live in {cfg.users.htpasswd}; "
+                        "edit it with htpasswd -B")
+    if passwords and cfg.users.source == "upstream":
+        where = cfg.users.upstream.url if cfg.users.upstream else "the upstream"
+        raise UserError(f"users.source is upstream: {where} checks users and passwords; change them there")
+    return cfg.store
+
+
+def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], url: str | None = None) -> T:
+    url = url or _store_url(args)
 
     async def go() -> T:
         store = await open_store(url)
@@ -358,9 +378,14 @@ def _password(args: argparse.Namespace, *, confirm: bool) -> str:
         line = sys.stdin.readline()
         password = line[:-1] if line.endswith("\n") else line
     elif sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if confirm and getpass.getpass("Password again: ") != password:
-            raise UserError("the passwords do not match")
+        try:
+            password = getpass.getpass("Password: ")
+            if confirm and getpass.getpass("Password again: ") != password:
+                raise UserError("the passwords do not match")
+        except EOFError:  # Ctrl-D
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # getpass leaves the cursor on its prompt line
+            raise UserError("no password given") from None
     else:
         raise UserError("no terminal to ask for a password; pass it on stdin with --password-stdin")
     return users.check_password(password)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import queue
 import re
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from gateway import config as config_module
@@ -339,6 +342,80 @@ def test_password_without_stdin_flag_and_no_terminal_fails_clearly(
     asyncio.run(_user(store_url))
 
 
+@pytest.mark.parametrize(("key", "where"), [
+    ("{source: htpasswd, file: users.htpasswd}", "users.source is htpasswd: users and passwords live in {dir}/users.htpasswd; edit it with htpasswd -B"),
+    ("{source: upstream, url: http://127.0.0.1:9/login}", "users.source is upstream: http://127.0.0.1:9/login checks users and passwords; change them there"),
+])
+def test_passwords_are_not_set_in_the_store_when_another_source_checks_them(
+    cfg_path: Path, env: dict[str, str], store_url: str, key: str, where: str
+) -> None:
+    (cfg_path.parent / "users.htpasswd").write_text("ivy:" + bcrypt.hashpw(b"ivy-password-1", bcrypt.gensalt(4)).decode() + "\n")
+    c = ("-c", str(cfg_path))
+    asyncio.run(_start_sessions(cfg_path, [], add=("ivy",)))  # a row, as a login from the source makes
+    cfg_path.write_text(CONFIG + f"users: {key}\n")
+    add, passwd, listed, disable = gateway_all(
+        (("users", "add", "zed", "--password-stdin", *c), "zed-password-1\n"),
+        (("users", "passwd", "ivy", "--password-stdin", *c), "ivy-password-2\n"),
+        (("users", "list", *c), None),
+        (("users", "disable", "ivy", *c), None), env=env)
+    message = "gateway: error: " + where.format(dir=cfg_path.parent.resolve())
+    assert fails_with(add) == message
+    assert fails_with(passwd) == message
+    assert list(table(listed.out)) == ["ivy"]
+    assert (disable.code, disable.out) == (0, "disabled user ivy\n")  # the store's rows still answer
+    enable = gateway("users", "enable", "ivy", *c, env=env)
+    assert (enable.code, enable.out) == (0, "enabled user ivy\n")
+    assert asyncio.run(_password_ok(store_url, "ivy", "ivy-password-1"))  # unchanged
+    assert asyncio.run(_user(store_url, "zed")) is None
+
+
+@pytest.mark.parametrize(("key", "code", "line"), [
+    (b"\x04", 1, "gateway: error: no password given"),  # Ctrl-D
+    (b"\x03", 130, ""),  # Ctrl-C
+])
+def test_end_of_input_at_the_password_prompt_is_one_line(
+    cfg_path: Path, env: dict[str, str], store_url: str, key: bytes, code: int, line: str
+) -> None:
+    pid, fd = pty.fork()  # the child's terminal is the pty, where getpass asks
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "gateway", "users", "add", "erin", "-c", str(cfg_path)], env)
+    output = b""
+    try:
+        output = _read_pty(fd, until=b"Password: ")
+        os.write(fd, key)
+        output += _read_pty(fd, until=None)
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    text = output.decode()
+    assert os.waitstatus_to_exitcode(status) == code, text
+    assert "Traceback" not in text
+    after_prompt = [row.strip() for row in text.split("Password: ", 1)[1].splitlines() if row.strip()]
+    assert after_prompt == ([line] if line else []), text
+    asyncio.run(_user(store_url))
+
+
+def _read_pty(fd: int, until: bytes | None, within: float = 20.0) -> bytes:
+    """What the terminal shows, up to ``until``, or to the end (None)."""
+    got = b""
+    deadline = time.monotonic() + within
+    while until is None or until not in got:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, got
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child has closed its end
+            chunk = b""
+        if not chunk:
+            assert until is None, got
+            break
+        got += chunk
+    return got
+
+
 def test_store_option_works_without_a_config_file(tmp_path: Path, env: dict[str, str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()  # no gateway.yaml here, and no GATEWAY_CONFIG
@@ -421,11 +498,16 @@ def test_sessions_list_and_revoke(cfg_path: Path, env: dict[str, str]) -> None:
     # "--session=ID": an id may begin with "-", which argparse would take for an option
     result = gateway("sessions", "revoke", f"--session={b1.id}", *c, env=env)
     assert (result.code, result.out) == (0, "ended 1 session(s)\n")
-    again, alice_again, listed = gateway_all((("sessions", "revoke", f"--session={b1.id}", *c), None),
-                                             (("sessions", "revoke", "--user", "alice", *c), None),
-                                             (("sessions", "list", *c), None), env=env)
+    [event] = [json.loads(line) for line in result.err_lines]
+    assert {k: event[k] for k in ("event", "user", "sid", "ended", "by")} == {
+        "event": "sessions_revoked", "user": "bob", "sid": b1.id, "ended": 1, "by": "cli"}
+    again, alice_again, nobody, listed = gateway_all((("sessions", "revoke", f"--session={b1.id}", *c), None),
+                                                     (("sessions", "revoke", "--user", "alice", *c), None),
+                                                     (("sessions", "revoke", "--user", "nobody", *c), None),
+                                                     (("sessions", "list", *c), None), env=env)
     fails_with(again, f"no live session with id {b1.id!r}")
     assert (alice_again.code, alice_again.out) == (0, "ended 0 session(s)\n")  # nothing to end is no error
+    fails_with(nobody, "no user named 'nobody'")  # as users disable nobody says
     assert listed.out == "(none)\n"
 
 
@@ -602,3 +684,11 @@ def test_store_migrate_moves_users_to_redis(tmp_path: Path, env: dict[str, str],
         keys = list(client.scan_iter(match=f"{prefix}*"))
         if keys:
             client.delete(*keys)
+
+
+def test_store_migrate_from_a_missing_sqlite_file_is_refused(tmp_path: Path, env: dict[str, str]) -> None:
+    missing, target = tmp_path / "nonexistent.db", tmp_path / "to.db"
+    result = gateway("store", "migrate", "--from", "sqlite:nonexistent.db", "--to", f"sqlite:{target}",
+                     env=env, cwd=tmp_path)
+    fails_with(result, f"no SQLite store at {missing}")
+    assert not missing.exists()  # not made, empty, on the way

@@ -456,14 +456,16 @@ async def test_security_events_from_the_command_line(tmp_path: Path) -> None:
     def gateway(*args: str, stdin: str | None = None) -> list[dict[str, Any]]:
         done = subprocess.run([sys.executable, "-m", "gateway", *args, "--store", db], input=stdin,
                               capture_output=True, text=True, timeout=60, check=True)
-        assert done.stdout.startswith(("ended", "changed", "disabled"))  # the answer stays on stdout
+        assert done.stdout.startswith(("ended", "changed", "disabled", "enabled"))  # the answer stays on stdout
         return [json.loads(line) for line in done.stderr.splitlines()]
 
     [revoked] = gateway("sessions", "revoke", "--session", "s1")
     [changed] = gateway("users", "passwd", "alice", "--password-stdin", stdin="another-password-9\n")
     [disabled] = gateway("users", "disable", "bob")
+    [enabled] = gateway("users", "enable", "bob")
+    assert (enabled["event"], enabled["user"], enabled["by"]) == ("user_enabled", "bob", "cli")
     assert [(e["logger"], e["event"], e["user"], e["ended"], e["by"]) for e in (revoked, changed, disabled)] == [
-        ("gateway.security", "sessions_revoked", None, 1, "cli"),
+        ("gateway.security", "sessions_revoked", "alice", 1, "cli"),  # the session's user
         ("gateway.security", "password_changed", "alice", 1, "cli"),
         ("gateway.security", "user_disabled", "bob", 0, "cli"),
     ]

@@ -227,9 +227,10 @@ def resolve_url(url: str, base_dir: Path) -> str | None:
     return "sqlite:///" + path.lstrip("/")
 
 
-async def open_store(url: str) -> Store:
+async def open_store(url: str, *, create: bool = True) -> Store:
     """Open the store at ``url`` (see STORE_URL_FORMS; a relative path is relative to the
-    working directory)."""
+    working directory). ``create=False`` refuses a SQLite file that does not exist yet,
+    rather than make an empty one (a store to read from, as a migration's source)."""
     resolved = resolve_url(url, Path.cwd())
     if resolved is None:
         raise UserError(f"unsupported store URL {url.split(':', 1)[0]!r}: expected {STORE_URL_FORMS}")
@@ -241,4 +242,7 @@ async def open_store(url: str) -> Store:
         return await RedisStore.open(resolved)
     from .sqlite import SQLiteStore
 
-    return await SQLiteStore.open("/" + resolved[len("sqlite:///"):])
+    path = "/" + resolved[len("sqlite:///"):]
+    if not create and not Path(path).is_file():
+        raise UserError(f"no SQLite store at {path}")
+    return await SQLiteStore.open(path)
