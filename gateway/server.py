@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -11,7 +12,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -84,7 +85,10 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
             "why": "aiohttp's C parser (llhttp) is not in use; the pure-Python one accepts some "
                    "malformed chunked bodies that llhttp refuses"}})
     if workers == 1:
-        _serve_one(config, host, port, ready=ready, reuse_port=False)
+        stopped_by: list[str] = []
+        _serve_one(config, host, port, ready=ready, reuse_port=False, stopped_by=stopped_by)
+        if stopped_by:
+            log.info("stopped", extra={"fields": {"signal": stopped_by[0]}})
         return
     if port == 0:
         raise UserError("several workers need a fixed port: each of them listens on it")
@@ -104,11 +108,34 @@ def _shared_metrics() -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _logging_stop_signals(stopped_by: list[str]) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: SIGINT and SIGTERM stop the server as aiohttp's own handlers do
+    (installed just before; these replace them), and the first one logs ``stopping`` and
+    is put in ``stopped_by``."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        def stop(signum: signal.Signals) -> None:
+            if not stopped_by:
+                stopped_by.append(signum.name)
+                log.info("stopping", extra={"fields": {"signal": signum.name}})
+            raise web.GracefulExit()  # a second one during shutdown exits at once (status 1)
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop, signum)
+        yield
+
+    return context
+
+
 def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None] | None,
-               reuse_port: bool) -> None:
+               reuse_port: bool, stopped_by: list[str] | None = None) -> None:
+    """``stopped_by``: log ``stopping`` at SIGINT/SIGTERM, and put the signal's name there."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until reload.on_sighup unblocks it
     app = create_app(config)
     app.cleanup_ctx.append(reload.on_sighup)
+    if stopped_by is not None:
+        app.cleanup_ctx.append(_logging_stop_signals(stopped_by))
     # On SIGINT/SIGTERM aiohttp stops listening, closes idle connections, lets the requests
     # in flight finish for up to shutdown_timeout (then cancels them), and only then runs
     # the cleanup contexts, which close the store.
@@ -141,6 +168,7 @@ def _supervise(config: Config, host: str, port: int, count: int) -> None:
     could be reloaded."""
     context = multiprocessing.get_context("fork")
     stopping = False
+    stop_signal: signal.Signals | None = None
     reload_asked = False
     started_at = time.monotonic()
     stop_by = float("inf")
@@ -166,6 +194,11 @@ def _supervise(config: Config, host: str, port: int, count: int) -> None:
             if process.exitcode is None:
                 process.terminate()
 
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop_signal
+        stop_signal = stop_signal or signal.Signals(signum)
+        stop(signum, frame)
+
     def hangup(signum: int, frame: object) -> None:
         nonlocal reload_asked
         reload_asked = True
@@ -173,14 +206,23 @@ def _supervise(config: Config, host: str, port: int, count: int) -> None:
             if process.exitcode is None and process.pid is not None:
                 os.kill(process.pid, signal.SIGHUP)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, hangup)
+    announced = False
+
+    def announce() -> None:  # from the loop, not the handler: logging is not reentrant
+        nonlocal announced
+        if stop_signal is not None and not announced:
+            announced = True
+            log.info("stopping", extra={"fields": {"signal": stop_signal.name}})
+
     while workers:
         if reload_asked:
             reload_asked = False
             config = _reloadable(config)
         for n, process in list(workers.items()):
+            announce()
             if stopping and time.monotonic() > stop_by and process.exitcode is None:
                 process.kill()  # past its shutdown_timeout and then some: stuck
             process.join(timeout=0.2)
@@ -199,6 +241,9 @@ def _supervise(config: Config, host: str, port: int, count: int) -> None:
                                 f"is {host}:{port} free?")
             log.warning("worker_exited", extra={"fields": {"worker": n, "code": process.exitcode}})
             workers[n] = start(n)
+    if stop_signal is not None:
+        announce()  # the signal came during the last worker's last wait
+        log.info("stopped", extra={"fields": {"signal": stop_signal.name}})
 
 
 def _reloadable(config: Config) -> Config:

@@ -597,6 +597,7 @@ def test_run_serves_until_sigterm(cfg_path: Path, env: dict[str, str]) -> None:
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert events[0]["event"] == "starting" and events[0]["port"] == port
     assert {"request"} <= {e["event"] for e in events}
+    assert [(e["event"], e["signal"]) for e in events[-2:]] == [("stopping", "SIGTERM"), ("stopped", "SIGTERM")]
 
 
 # --- gateway demo ---------------------------------------------------------------------------

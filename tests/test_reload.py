@@ -412,6 +412,9 @@ async def test_sigterm_lets_a_request_in_flight_finish(gateway: Any, upstream: U
     upstream.release.set()
     assert await slow == (200, b"x" * 100_000)
     assert await _exit_code(gw.proc) == 0
+    # the process that was signalled (with workers, the supervisor) says so, once, and when it is done
+    [stopping], [stopped] = gw.events("stopping"), gw.events("stopped")
+    assert (stopping["signal"], stopping["pid"]) == (stopped["signal"], stopped["pid"]) == ("SIGTERM", gw.proc.pid)
 
 
 async def test_sigterm_past_shutdown_timeout_cuts_the_request_and_exits_0(gateway: Any, upstream: Upstream) -> None:
