@@ -80,7 +80,7 @@ class Explanation:
                      "upstream": r.upstream, "strip_prefix": r.strip_prefix or None,
                      "access": describe_access(self.access) if self.access else None}
         return {"method": self.method, "target": self.target, "path": self.path,
-                "endpoint": self.endpoint, "route": route, "caller": self.caller.as_json(),
+                "query": self.query if self.path is not None else None, "endpoint": self.endpoint, "route": route, "caller": self.caller.as_json(),
                 "decision": "allowed" if self.allowed else "refused", "status": self.status,
                 "code": self.code, "why": self.why, "upstream_url": self.upstream_url,
                 "notes": self.notes}
@@ -88,8 +88,10 @@ class Explanation:
     def lines(self) -> list[str]:
         out = [f"request   {self.method} {self.target}"]
         if self.path is not None:
-            shown = f"{self.path}?{self.query}" if self.query else self.path
-            out.append(f"path      {shown}" + ("" if shown == self.target else "  (normalized)"))
+            as_sent = self.target.partition("?")[0]
+            out.append(f"path      {self.path}" + ("" if self.path == as_sent else "  (normalized)"))
+            if self.query:
+                out.append(f"query     {self.query}  (forwarded as sent; takes no part in route matching)")
         if self.endpoint is not None:
             out.append(f"endpoint  {self.endpoint} (served by the gateway itself, not proxied)")
         if self.route is not None:
@@ -157,8 +159,8 @@ def explain(config: Config, method: str, target: str, caller: Caller) -> Explana
 
 def route_warnings(config: Config) -> list[str]:
     """One line per route that can never match: shadowed by an earlier route, or at a path
-    the gateway serves itself."""
-    out = []
+    the gateway serves itself; in route order."""
+    out: list[tuple[int, str]] = []
     for s in shadowed(config.routes):
         if s.other_case_only:
             line = (f"routes[{s.route.index}] {s.route.path} is matched only when spelled in another case: "
@@ -172,20 +174,20 @@ def route_warnings(config: Config) -> list[str]:
             line += f"; requests for {lost} get 405 there (methods never fall through)"
         elif _access_differs(s.by, s.route):
             line += f"; those requests get its access ({_route_access(s.by)}), not {_route_access(s.route)}"
-        out.append(line)
+        out.append((s.route.index, line))
     table = own_endpoints(config)
     for route in config.routes:
         literal = route.path.removesuffix("**").removesuffix("*").rstrip("/") or "/"
         prefix = config.auth_prefix.lower()
         under_prefix = literal.lower() == prefix or literal.lower().startswith(prefix + "/")
         if under_prefix or (route.path == literal and route.path in table):
-            out.append(f"routes[{route.index}] {route.path} is never matched: "
-                       + (f"{config.auth_prefix} and everything below it belong to the gateway"
-                          if under_prefix else f"{route.path} is served by the gateway itself"))
+            out.append((route.index, f"routes[{route.index}] {route.path} is never matched: "
+                        + (f"{config.auth_prefix} and everything below it belong to the gateway"
+                           if under_prefix else f"{route.path} is served by the gateway itself")))
         elif route.path == literal and admin.kept_from_routes(config.metrics, literal):
-            out.append(f"routes[{route.index}] {route.path} is never matched: the main listener answers it "
-                       f"404 ({admin.where(config.metrics)})")
-    return out
+            out.append((route.index, f"routes[{route.index}] {route.path} is never matched: the main listener "
+                        f"answers it 404 ({admin.where(config.metrics)})"))
+    return [line for _index, line in sorted(out, key=lambda item: item[0])]
 
 
 def describe_access(access: Access) -> str:

@@ -191,6 +191,18 @@ def test_cli_refused_prints_each_step_and_exits_1(config_file: Path) -> None:
     ]
 
 
+def test_the_query_is_shown_apart_from_the_path(config: config_module.Config) -> None:
+    lines = explain(config, "GET", "/admin?x=1", ADMIN).lines()
+    assert lines[:3] == ["request   GET /admin?x=1",
+                         "path      /admin",
+                         "query     x=1  (forwarded as sent; takes no part in route matching)"]
+    lines = explain(config, "GET", "/static/../admin?x=1", ADMIN).lines()
+    assert lines[1:3] == ["path      /admin  (normalized)",
+                          "query     x=1  (forwarded as sent; takes no part in route matching)"]
+    assert not any(line.startswith("query") for line in explain(config, "GET", "/admin", ADMIN).lines())
+    assert explain(config, "GET", "/admin?x=1", ADMIN).as_json()["query"] == "x=1"
+
+
 def test_cli_allowed_exits_0_and_json_has_the_fields(config_file: Path) -> None:
     proc = gateway("routes", "explain", "-c", str(config_file), "POST", "/api/a?b=1", "--claim", "tenant=acme",
                    "--json")
@@ -201,6 +213,7 @@ def test_cli_allowed_exits_0_and_json_has_the_fields(config_file: Path) -> None:
     assert out["caller"] == {"anonymous": False, "roles": [], "claims": {"tenant": "acme"}}
     assert (out["decision"], out["status"], out["code"]) == ("allowed", 200, None)
     assert out["upstream_url"] == "http://127.0.0.1:9000/a?b=1"
+    assert (out["path"], out["query"]) == ("/api/a", "b=1")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -350,6 +363,15 @@ WARNINGS = [
 
 def test_route_warnings_name_both_routes_and_the_consequence(config_file: Path) -> None:
     assert route_warnings(config_module.load(_with_routes(config_file, WARNED_ROUTES))) == WARNINGS
+
+
+def test_route_warnings_come_in_route_order(config_file: Path) -> None:
+    routes = [{"path": "/healthz", "access": "public", "upstream": "app"},
+              {"path": "/x/**", "access": "authenticated", "upstream": "app"},
+              {"path": "/x/a", "access": "authenticated", "upstream": "app"},
+              {"path": "/auth/me", "access": "public", "upstream": "app"}]
+    warnings = route_warnings(config_module.load(_with_routes(config_file, routes)))
+    assert [w.split(" ", 1)[0] for w in warnings] == ["routes[0]", "routes[2]", "routes[3]"]
 
 
 def test_check_prints_warnings_and_fails_only_with_strict(config_file: Path) -> None:
