@@ -147,7 +147,19 @@ def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None
         **HANDLER_OPTIONS,
         print=(lambda _banner: ready()) if ready else None,
         shutdown_timeout=config.shutdown_timeout,
+        loop=event_loop(),
     )
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (a dependency on Linux and macOS): the
+    loop and its transports are a quarter of a proxied request's CPU time with asyncio's
+    own, noticeably less with uvloop's. asyncio's own elsewhere."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _worker(config: Config, host: str, port: int) -> None:

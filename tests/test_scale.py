@@ -8,6 +8,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import aiohttp
 import pytest
 from processes import free_port, start_gateway, stop, until_healthy
 
+from gateway.server import event_loop
 from gateway.store import open_store
 
 from conftest import PASSWORDS, add_test_users, redis_store
@@ -234,3 +236,11 @@ async def test_a_store_behind_redis_sentinel(tmp_path: Path) -> None:
         for proc in (sentinel, redis):
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_gateway_run_serves_on_uvloop_where_it_is_installed() -> None:
+    loop = event_loop()
+    try:
+        assert type(loop).__module__.split(".")[0] == ("uvloop" if sys.platform != "win32" else "asyncio")
+    finally:
+        loop.close()
