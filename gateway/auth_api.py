@@ -33,6 +33,7 @@ from .errors import (
     UnsupportedMediaType,
     UserError,
 )
+from .config import Registration
 from .paths import safe_next
 from .pipeline import authenticate
 from .proxy import continue_if_expected, strip_hop_by_hop
@@ -142,7 +143,7 @@ async def register(request: web.Request) -> web.StreamResponse:
     try:
         users.check_registration(gw.config.registration, username, password)
     except UserError as exc:
-        raise BadRequest(str(exc), _REGISTRATION_PROBLEMS[str(exc)]) from None
+        raise BadRequest(str(exc), _registration_problem(gw.config.registration, str(exc))) from None
     password_hash = await gw.credentials.hash(password)
     user = User(name=username, password_hash=password_hash, roles=gw.config.users.default_roles,
                 created_at=gw.clock())
@@ -157,10 +158,14 @@ async def register(request: web.Request) -> web.StreamResponse:
     return _signed_in(gw, web.Response(status=201), user, session, refresh_token)
 
 
-_REGISTRATION_PROBLEMS = {
-    "invalid_username": "Choose another user name: letters, digits, '.', '_' or '-'.",
-    "weak_password": "Choose a longer, less common password.",
-}
+def _registration_problem(cfg: Registration, code: str) -> str:
+    if code == "weak_password":
+        return (f"Choose a longer, less common password: at least {cfg.min_password_length} characters, "
+                "not your user name.")
+    if cfg.username_pattern == Registration.username_pattern:
+        return ("Choose another user name: 3 to 32 lower-case letters, digits, '.', '_' or '-', "
+                "beginning with a letter or digit.")
+    return f"Choose another user name: one that matches {cfg.username_pattern}."
 
 
 async def refresh(request: web.Request) -> web.StreamResponse:

@@ -162,6 +162,24 @@ async def test_registration_policy(gateway_factory: GatewayFactory, username: st
     assert await gw.store.get_user(username) is None
 
 
+async def test_registration_says_the_rule_that_was_broken(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(_registration)
+    assert (await _register(gw, "Erin", "a-long-enough-password"))[1]["error_description"] == (
+        "Choose another user name: 3 to 32 lower-case letters, digits, '.', '_' or '-', "
+        "beginning with a letter or digit.")
+    assert (await _register(gw, "erin", "short-pass"))[1]["error_description"] == (
+        "Choose a longer, less common password: at least 12 characters, not your user name.")
+
+    def own_pattern(raw: dict[str, Any]) -> None:
+        _registration(raw)
+        raw["registration"]["username_pattern"] = "[a-z]+@example[.]com"
+
+    gw = await gateway_factory(own_pattern)
+    assert (await _register(gw, "erin", "a-long-enough-password"))[1]["error_description"] == (
+        "Choose another user name: one that matches [a-z]+@example[.]com.")
+    assert (await _register(gw, "erin@example.com", "a-long-enough-password"))[0] == 201
+
+
 async def test_registration_is_same_site_and_throttled(gateway_factory: GatewayFactory) -> None:
     def few(raw: dict[str, Any]) -> None:
         _registration(raw)
