@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from . import browser, cookies, errors, metrics, users
+from .config import Registration
 from .errors import (
     BadRequest,
     Conflict,
@@ -33,7 +34,6 @@ from .errors import (
     UnsupportedMediaType,
     UserError,
 )
-from .config import Registration
 from .paths import safe_next
 from .pipeline import authenticate
 from .proxy import continue_if_expected, strip_hop_by_hop
