@@ -482,7 +482,7 @@ def _sentinel_master(parts: SplitResult, options: dict[str, Any]) -> aioredis.Re
     service, _, db = parts.path.strip("/").partition("/")
     if not service:
         raise ValueError("a Sentinel URL names its service: redis+sentinel://host:26379/SERVICE/DB")
-    sentinel = Sentinel(sentinels, **options)  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 7
+    sentinel = Sentinel(sentinels, **options)  # type: ignore[no-untyped-call,unused-ignore]  # typed in newer redis-py
     master: aioredis.Redis = sentinel.master_for(service, db=int(db or 0), password=password, **options)
     return master
 
