@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from processes import free_port, start_gateway, stop, until_healthy
 
-from gateway.server import event_loop
 from gateway.store import open_store
 
 from conftest import PASSWORDS, add_test_users, redis_store
@@ -238,9 +237,37 @@ async def test_a_store_behind_redis_sentinel(tmp_path: Path) -> None:
             proc.wait(timeout=10)
 
 
-def test_gateway_run_serves_on_uvloop_where_it_is_installed() -> None:
-    loop = event_loop()
+# `gateway run`, with a look at the event loop it hands aiohttp
+_OBSERVED_RUN = """
+import atexit, json, sys
+from aiohttp import web
+seen = {}
+run_app = web.run_app
+def observed(app, **options):
+    seen["loop"] = type(options.get("loop")).__module__.split(".")[0]
+    return run_app(app, **options)
+web.run_app = observed
+atexit.register(lambda: print(json.dumps(seen), file=sys.stderr))
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+async def test_gateway_run_serves_on_uvloop_where_it_is_installed(
+    tmp_path: Path, whoami_url: str, http: aiohttp.ClientSession
+) -> None:
+    db = tmp_path / "gateway.db"
+    store = await open_store(f"sqlite:{db}")
+    await add_test_users(store)
+    await store.close()
+    config, url = _config(tmp_path, "gw", store=f"sqlite:{db}", upstream=whoami_url)
+    proc = subprocess.Popen([sys.executable, "-c", _OBSERVED_RUN, "run", "-c", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert type(loop).__module__.split(".")[0] == ("uvloop" if sys.platform != "win32" else "asyncio")
+        await until_healthy(http, url, proc)
+        assert await _status(http, url, (await _login(http, url))["access"]) == 200
     finally:
-        loop.close()
+        code = stop(proc)
+    assert code == 0 and proc.stderr is not None
+    seen = json.loads(proc.stderr.read().decode().strip().splitlines()[-1])
+    assert seen["loop"] == ("uvloop" if sys.platform != "win32" else "asyncio")
