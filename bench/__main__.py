@@ -7,7 +7,8 @@ Phases (each may be picked with --only, as may the configurations of bench/serve
   peak       every configuration at full load (wrk -t1 -c32), interleaved over rounds:
              requests/s, p50/p99, the proxy's CPU time per request (all its processes)
   fixed      half the gateway's HS256 peak, held by wrk's per-connection delay: p99 direct
-             vs through the gateway (the added latency), and with 10 logins/s running
+             vs through the gateway (the added latency), and with 10 logins/s running;
+             then one connection, back to back: p50/p99 with no queue in front
   memory     idle RSS, and RSS with 10,000 idle keep-alive connections
   streaming  RSS growth while 1 GiB streams each way (bench/streaming.py)
   refresh    refresh rotations per second on SQLite and Redis (bench/refresh.py)
@@ -76,6 +77,9 @@ async def run(args: argparse.Namespace, configs: list[str], phases: list[str]) -
                 fixed = await load.fixed_load(targets["direct"], targets["gw-hs256"], hs256_peak / 2,
                                               args.rounds, args.seconds, with_logins=True)
                 out["fixed"] = {**fixed, "result": report.fixed_rows(fixed)}
+                print("one connection, back to back", flush=True)
+                one = await load.serial(targets["direct"], targets["gw-hs256"], args.rounds, args.seconds)
+                out["serial"] = {**one, "result": report.fixed_rows(one)}
             if "memory" in phases:
                 print(f"memory: {args.connections} idle keep-alive connections", flush=True)
                 target = targets["gw-public"]

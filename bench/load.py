@@ -110,3 +110,17 @@ async def fixed_load(direct: Target, gateway: Target, rate: float, rounds: int,
                   f"{result['requests_per_s']:7.0f} req/s, p99 {result['p99_ms']:.2f} ms", flush=True)
     return {"target_rate_per_s": rate, "connections": FIXED_CONNECTIONS, "delay_ms": delay,
             "samples": {k: v for k, v in samples.items() if v}, "login_statuses": logins}
+
+
+async def serial(direct: Target, gateway: Target, rounds: int, seconds: float) -> dict[str, Any]:
+    """One connection, each request sent as soon as the last answer is in: nothing waits in
+    a queue, so the p99 is the gateway's own slowest moments (a garbage collection, a log
+    flush) rather than other requests."""
+    samples: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+    for r in range(rounds):
+        for name in ("direct", "gateway")[r % 2:] + ("direct", "gateway")[:r % 2]:
+            result = await asyncio.to_thread(_drive, direct if name == "direct" else gateway, seconds, 1)
+            samples[name].append(result)
+            print(f"  round {r + 1}/{rounds} {name:>15}, one connection: p50 {result['p50_ms']:.3f} ms, "
+                  f"p99 {result['p99_ms']:.3f} ms", flush=True)
+    return {"connections": 1, "samples": samples}

@@ -152,6 +152,11 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"  {name:>15}: {r['requests_per_s']:>6} req/s  p50 {r['p50_ms']:.3f} ms  "
                              f"p99 {r['p99_ms']:.3f} ms  (p99 spread {r['p99_spread']:.0%}, errors {r['errors']})")
         lines.append("")
+    if one := report.get("serial"):
+        lines.append("one connection, back to back (no queue): "
+                     + "; ".join(f"{name} p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms"
+                                 for name, r in one["result"].items() if isinstance(r, dict)))
+        lines.append("")
     if mem := report.get("memory"):
         lines.append(f"memory: idle RSS {mem['idle_rss_mib']} MiB; with {mem['opened']} idle keep-alive "
                      f"connections {mem['held_rss_mib']} MiB ({mem['kib_per_connection']} KiB each; "
