@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         u = users_sub.add_parser(action, parents=[with_store], help=helptext)
         u.add_argument("name")
         u.set_defaults(func=_users_change)
+    u = users_sub.add_parser("roles", parents=[with_store],
+                             help="set a user's roles (none without --role); taking one away ends their sessions")
+    u.add_argument("name")
+    u.add_argument("--role", action="append", default=[], help="a role (repeatable)")
+    u.set_defaults(func=_users_roles)
     u = users_sub.add_parser("passwd", parents=[with_store], help="set a password and end the user's sessions")
     u.add_argument("name")
     u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -211,7 +216,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _users_add(args: argparse.Namespace) -> int:
     users.check_username(args.name)
     roles = users.check_roles(args.role)
-    url = _store_url(args, passwords=True)
+    url = _store_url(args, owned="passwords")
     password = _password(args, confirm=True)
 
     async def go(store: Store) -> None:
@@ -241,8 +246,18 @@ def _users_change(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users_roles(args: argparse.Namespace) -> int:
+    roles = users.check_roles(args.role)
+    url = _store_url(args, owned="roles")
+    ended = _with_store(args, lambda store: users.set_roles(store, args.name, list(roles)), url)
+    _audit("roles_changed", user=args.name, roles=list(roles), ended=ended)
+    then = f"ended {ended} session(s)" if ended else "their sessions get them at their next refresh"
+    print(f"set the roles of {args.name} to {', '.join(roles) or '(none)'}; {then}")
+    return 0
+
+
 def _users_passwd(args: argparse.Namespace) -> int:
-    url = _store_url(args, passwords=True)
+    url = _store_url(args, owned="passwords")
     password = _password(args, confirm=True)
     ended = _with_store(args, lambda store: users.passwd(store, args.name, password), url)
     _audit("password_changed", user=args.name, ended=ended)
@@ -344,19 +359,27 @@ def _key_file(path: Path, config: str) -> str:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _store_url(args: argparse.Namespace, *, passwords: bool = False) -> str:
-    """The store of ``--store``, else the config's. ``passwords``: for a command that sets a
-    password, which is refused when the config's ``users.source`` keeps passwords elsewhere
-    (a password set in the store would change nothing about who can sign in)."""
+def _store_url(args: argparse.Namespace, *, owned: str | None = None) -> str:
+    """The store of ``--store``, else the config's. ``owned`` ("passwords" or "roles"): for
+    a command that sets them, which is refused when the config's ``users.source`` decides
+    them elsewhere (set in the store, they would change nothing: the next sign-in brings
+    the source's)."""
     if args.store:
         return str(args.store)
     cfg = config_module.load(args.config)
-    if passwords and cfg.users.source == "htpasswd":
+    source = cfg.users.source
+    if owned == "passwords" and source == "htpasswd":
         raise UserError(f"users.source is htpasswd: users and passwords live in {cfg.users.htpasswd}; "
                         "edit it with htpasswd -B")
-    if passwords and cfg.users.source == "upstream":
-        where = cfg.users.upstream.url if cfg.users.upstream else "the upstream"
+    if owned == "roles" and source == "htpasswd":
+        raise UserError("users.source is htpasswd: its users have the roles of users.default_roles; "
+                        "change them in the config")
+    where = cfg.users.upstream.url if cfg.users.upstream else "the upstream"
+    if owned == "passwords" and source == "upstream":
         raise UserError(f"users.source is upstream: {where} checks users and passwords; change them there")
+    if owned == "roles" and source == "upstream":
+        raise UserError(f"users.source is upstream: roles come from the answer of {where} at each sign-in "
+                        "(users.upstream.roles_field, else users.default_roles); change them there")
     return cfg.store
 
 

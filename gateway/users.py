@@ -73,6 +73,19 @@ async def remove(store: Store, name: str, clock: Callable[[], float] = time.time
     return ended
 
 
+async def set_roles(store: Store, name: str, roles: list[str], clock: Callable[[], float] = time.time) -> int:
+    """Give ``name`` exactly ``roles``; how many sessions ended. Taking a role away ends the
+    user's sessions, since their access tokens carry it until they expire; roles only added
+    reach the sessions at their next refresh, and none ends."""
+    wanted = check_roles(roles)
+    user = await store.get_user(name)
+    if user is None or not await store.update_user(name, roles=wanted):
+        raise UserError(f"no user named {name!r}")
+    if set(user.roles) - set(wanted):
+        return await store.revoke_user_sessions(name, clock(), "roles_changed")
+    return 0
+
+
 async def enable(store: Store, name: str, clock: Callable[[], float] = time.time) -> int:
     """Let a disabled user sign in again; no session is ended (0)."""
     if not await store.update_user(name, disabled=False):

@@ -342,25 +342,32 @@ def test_password_without_stdin_flag_and_no_terminal_fails_clearly(
     asyncio.run(_user(store_url))
 
 
-@pytest.mark.parametrize(("key", "where"), [
-    ("{source: htpasswd, file: users.htpasswd}", "users.source is htpasswd: users and passwords live in {dir}/users.htpasswd; edit it with htpasswd -B"),
-    ("{source: upstream, url: http://127.0.0.1:9/login}", "users.source is upstream: http://127.0.0.1:9/login checks users and passwords; change them there"),
+@pytest.mark.parametrize(("key", "where", "roles_where"), [
+    ("{source: htpasswd, file: users.htpasswd}",
+     "users.source is htpasswd: users and passwords live in {dir}/users.htpasswd; edit it with htpasswd -B",
+     "users.source is htpasswd: its users have the roles of users.default_roles; change them in the config"),
+    ("{source: upstream, url: http://127.0.0.1:9/login}",
+     "users.source is upstream: http://127.0.0.1:9/login checks users and passwords; change them there",
+     "users.source is upstream: roles come from the answer of http://127.0.0.1:9/login at each sign-in "
+     "(users.upstream.roles_field, else users.default_roles); change them there"),
 ])
-def test_passwords_are_not_set_in_the_store_when_another_source_checks_them(
-    cfg_path: Path, env: dict[str, str], store_url: str, key: str, where: str
+def test_passwords_and_roles_are_not_set_in_the_store_when_another_source_decides_them(
+    cfg_path: Path, env: dict[str, str], store_url: str, key: str, where: str, roles_where: str
 ) -> None:
     (cfg_path.parent / "users.htpasswd").write_text("ivy:" + bcrypt.hashpw(b"ivy-password-1", bcrypt.gensalt(4)).decode() + "\n")
     c = ("-c", str(cfg_path))
     asyncio.run(_start_sessions(cfg_path, [], add=("ivy",)))  # a row, as a login from the source makes
     cfg_path.write_text(CONFIG + f"users: {key}\n")
-    add, passwd, listed, disable = gateway_all(
+    add, passwd, roles, listed, disable = gateway_all(
         (("users", "add", "zed", "--password-stdin", *c), "zed-password-1\n"),
         (("users", "passwd", "ivy", "--password-stdin", *c), "ivy-password-2\n"),
+        (("users", "roles", "ivy", "--role", "admin", *c), None),
         (("users", "list", *c), None),
         (("users", "disable", "ivy", *c), None), env=env)
     message = "gateway: error: " + where.format(dir=cfg_path.parent.resolve())
     assert fails_with(add) == message
     assert fails_with(passwd) == message
+    assert fails_with(roles) == "gateway: error: " + roles_where.format(dir=cfg_path.parent.resolve())
     assert list(table(listed.out)) == ["ivy"]
     assert (disable.code, disable.out) == (0, "disabled user ivy\n")  # the store's rows still answer
     enable = gateway("users", "enable", "ivy", *c, env=env)
@@ -509,6 +516,35 @@ def test_sessions_list_and_revoke(cfg_path: Path, env: dict[str, str]) -> None:
     assert (alice_again.code, alice_again.out) == (0, "ended 0 session(s)\n")  # nothing to end is no error
     fails_with(nobody, "no user named 'nobody'")  # as users disable nobody says
     assert listed.out == "(none)\n"
+
+
+def test_users_roles_sets_them_and_ends_sessions_only_when_one_is_taken_away(
+    cfg_path: Path, env: dict[str, str], store_url: str
+) -> None:
+    c = ("-c", str(cfg_path))
+    asyncio.run(_start_sessions(cfg_path, [("alice", "203.0.113.7", "a"), ("alice", "203.0.113.7", "b")],
+                                add=("alice",)))  # alice has the role user
+    added = gateway("users", "roles", "alice", "--role", "user", "--role", "admin", *c, env=env)
+    assert (added.code, added.out) == (
+        0, "set the roles of alice to user, admin; their sessions get them at their next refresh\n")
+    [event] = [json.loads(line) for line in added.err_lines]
+    assert {k: event[k] for k in ("event", "user", "roles", "ended", "by")} == {
+        "event": "roles_changed", "user": "alice", "roles": ["user", "admin"], "ended": 0, "by": "cli"}
+    assert len(table(gateway("sessions", "list", "--user", "alice", *c, env=env).out)) == 2
+
+    taken = gateway("users", "roles", "alice", "--role", "admin", *c, env=env)  # user taken away
+    assert (taken.code, taken.out) == (0, "set the roles of alice to admin; ended 2 session(s)\n")
+    assert gateway("sessions", "list", "--user", "alice", *c, env=env).out == "(none)\n"
+    user = asyncio.run(_user(store_url, "alice"))
+    assert user is not None and user.roles == ("admin",)
+
+    none, nobody, bad = gateway_all((("users", "roles", "alice", *c), None),
+                                    (("users", "roles", "nobody", "--role", "user", *c), None),
+                                    (("users", "roles", "alice", "--role", "ad min", *c), None), env=env)
+    assert (none.code, none.out) == (0, "set the roles of alice to (none); their sessions get them at their next refresh\n")
+    fails_with(nobody, "no user named 'nobody'")
+    fails_with(bad, "invalid role 'ad min'")
+    assert table(gateway("users", "list", *c, env=env).out)["alice"][0] == "-"
 
 
 def test_user_changes_end_their_sessions(cfg_path: Path, env: dict[str, str]) -> None:

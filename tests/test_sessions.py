@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from gateway import users
@@ -129,6 +130,26 @@ async def test_user_changes_end_every_session(gw: Gateway, change: str) -> None:
         await _refused_within(gw, login["access_token"], 1.0)
         status, body, _ = await _refresh(gw, login["refresh_token"])
         assert status == 401 and body["error"] in ("session_revoked", "invalid_token")
+
+
+def _claims(token: str) -> dict[str, Any]:
+    return dict(jwt.decode(token, options={"verify_signature": False}))
+
+
+async def test_a_role_added_arrives_at_the_next_refresh_and_one_taken_away_ends_the_session(gw: Gateway) -> None:
+    login = await gw.login("carol")
+    before = _claims(login["access_token"])["roles"]
+    assert "auditor" not in before
+    assert await users.set_roles(gw.store, "carol", [*before, "auditor"], clock=gw.clock) == 0
+    assert await _status(gw, login["access_token"]) == 200  # the session goes on
+    status, body, refresh_token = await _refresh(gw, login["refresh_token"])
+    assert status == 200 and _claims(body["access_token"])["roles"] == [*before, "auditor"]
+
+    assert await users.set_roles(gw.store, "carol", ["auditor"], clock=gw.clock) == 1
+    await _refused_within(gw, body["access_token"], 1.0)  # it still says the roles taken away
+    assert refresh_token is not None
+    status, body, _ = await _refresh(gw, refresh_token)
+    assert status == 401 and body["error"] == "session_revoked"
 
 
 async def test_revocations_leave_the_view_after_the_horizon(gw: Gateway) -> None:
