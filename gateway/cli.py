@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="processes serving the port (default: the config's, else 1)")
     p.add_argument("--log-format", choices=("json", "text"),
                    help="JSON lines, or text for reading by eye (default: the config's log_format, else json)")
+    p.add_argument("--watch-config", action="store_true",
+                   help="reload the config when its file changes, as SIGHUP does (a look every second)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("check", parents=[common], help="validate the config")
@@ -163,7 +165,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers is not None and not 1 <= args.workers <= 64:
         raise UserError("--workers must be between 1 and 64")
     try:
-        serve(cfg, host=args.host, port=args.port, workers=args.workers, log_format=args.log_format)
+        serve(cfg, host=args.host, port=args.port, workers=args.workers, log_format=args.log_format,
+              watch_config=args.watch_config)
     except OSError as exc:  # the port is taken, or the host is not ours
         host = args.host or cfg.listen.host
         port = args.port if args.port is not None else cfg.listen.port

@@ -12,12 +12,18 @@ session is lost and no revocation forgotten.
 A reload is all or nothing. An invalid file, or a change to a key that only a restart can
 apply (:data:`RESTART_ONLY`), keeps the running config entirely, logs one
 ``config_reload_failed`` line with every problem, and counts a failed reload.
+
+With ``gateway run --watch-config`` the process that takes SIGHUP (with workers, the
+supervisor) also looks at the config file every :data:`WATCH_INTERVAL` seconds and, when it
+has changed (or a Kubernetes ConfigMap swapped the file under its symlink), sends itself
+SIGHUP: a change is then reloaded exactly as a ``kill -HUP`` would reload it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +38,8 @@ from .errors import ConfigError, StoreUnavailable
 from .state import GATEWAY, Gateway
 
 log = logging.getLogger("gateway")
+
+WATCH_INTERVAL = 1.0  # seconds between looks at the config file, with --watch-config
 
 # What a running process cannot change: its sockets, its store, its processes, and the
 # shutdown bound it was started with.
@@ -179,3 +187,54 @@ async def on_sighup(app: web.Application) -> AsyncIterator[None]:
         loop.remove_signal_handler(signal.SIGHUP)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+class FileWatch:
+    """Whether a file has changed since the last look: its modification time, size or inode
+    (a new file renamed over it, or a symlink pointed at a new one). A file that cannot be
+    read does not count as a change; the change is the file that comes back."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def changed(self) -> bool:
+        now = self._signature()
+        if now is None or now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+
+def hang_up_on_change(watch: FileWatch) -> None:
+    """What a look does: on a change, log it and send this process SIGHUP."""
+    if watch.changed():
+        log.info("config_changed", extra={"fields": {"config": watch.path}})
+        os.kill(os.getpid(), signal.SIGHUP)
+
+
+def watching(path: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context for a single serving process: look at ``path`` every
+    WATCH_INTERVAL seconds (see the module docstring)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        watch = FileWatch(path)
+
+        async def look() -> None:
+            while True:
+                await asyncio.sleep(WATCH_INTERVAL)
+                hang_up_on_change(watch)
+
+        task = asyncio.get_running_loop().create_task(look())
+        yield
+        task.cancel()
+
+    return context
+

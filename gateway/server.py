@@ -65,8 +65,9 @@ _answer_parser_errors_without_echo()
 
 def serve(config: Config, *, host: str | None = None, port: int | None = None,
           workers: int | None = None, ready: Callable[[], None] | None = None,
-          log_format: str | None = None) -> None:
-    """Serve until SIGINT or SIGTERM; reload the config on SIGHUP (gateway/reload.py).
+          log_format: str | None = None, watch_config: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM; reload the config on SIGHUP (gateway/reload.py), and,
+    with ``watch_config``, when the file changes.
     ``ready`` is called once the port is listening (with one worker). With several workers,
     each is a process of its own with its own event loop, all listening on the same port
     (SO_REUSEPORT: the kernel spreads connections) and sharing the store; this process only
@@ -86,14 +87,15 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None,
                    "malformed chunked bodies that llhttp refuses"}})
     if workers == 1:
         stopped_by: list[str] = []
-        _serve_one(config, host, port, ready=ready, reuse_port=False, stopped_by=stopped_by)
+        _serve_one(config, host, port, ready=ready, reuse_port=False, stopped_by=stopped_by,
+                   watch_config=watch_config)
         if stopped_by:
             log.info("stopped", extra={"fields": {"signal": stopped_by[0]}})
         return
     if port == 0:
         raise UserError("several workers need a fixed port: each of them listens on it")
     with _shared_metrics():
-        _supervise(config, host, port, workers)
+        _supervise(config, host, port, workers, watch_config=watch_config)
 
 
 @contextlib.contextmanager
@@ -129,13 +131,17 @@ def _logging_stop_signals(stopped_by: list[str]) -> Callable[[web.Application], 
 
 
 def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None] | None,
-               reuse_port: bool, stopped_by: list[str] | None = None) -> None:
-    """``stopped_by``: log ``stopping`` at SIGINT/SIGTERM, and put the signal's name there."""
+               reuse_port: bool, stopped_by: list[str] | None = None, watch_config: bool = False) -> None:
+    """``stopped_by``: log ``stopping`` at SIGINT/SIGTERM, and put the signal's name there.
+    ``watch_config``: reload when the config file changes (a worker leaves that to the
+    supervisor, which passes SIGHUP on)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until reload.on_sighup unblocks it
     app = create_app(config)
     app.cleanup_ctx.append(reload.on_sighup)
     if stopped_by is not None:
         app.cleanup_ctx.append(_logging_stop_signals(stopped_by))
+    if watch_config:
+        app.cleanup_ctx.append(reload.watching(config.source))
     # On SIGINT/SIGTERM aiohttp stops listening, closes idle connections, lets the requests
     # in flight finish for up to shutdown_timeout (then cancels them), and only then runs
     # the cleanup contexts, which close the store.
@@ -173,7 +179,7 @@ def _worker(config: Config, host: str, port: int) -> None:
         raise SystemExit(3) from None
 
 
-def _supervise(config: Config, host: str, port: int, count: int) -> None:
+def _supervise(config: Config, host: str, port: int, count: int, *, watch_config: bool = False) -> None:
     """Start ``count`` workers; restart one that dies; on SIGINT/SIGTERM, stop them all
     (each finishes its requests in flight) and return. SIGHUP is passed on to every worker,
     and each reloads its config; a worker started later starts with the last config that
@@ -229,7 +235,12 @@ def _supervise(config: Config, host: str, port: int, count: int) -> None:
             announced = True
             log.info("stopping", extra={"fields": {"signal": stop_signal.name}})
 
+    watch = reload.FileWatch(config.source) if watch_config else None
+    looked_at = time.monotonic()
     while workers:
+        if watch is not None and not stopping and time.monotonic() - looked_at >= reload.WATCH_INTERVAL:
+            looked_at = time.monotonic()
+            reload.hang_up_on_change(watch)  # SIGHUP to this process: hangup() asks for the reload
         if reload_asked:
             reload_asked = False
             config = _reloadable(config)

@@ -32,6 +32,7 @@ import pytest
 import yaml
 from processes import free_port
 
+from gateway import cli
 from gateway import config as config_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -586,6 +587,10 @@ def test_kubernetes_example_agrees_with_its_config(tmp_path: Path) -> None:
             mounted |= {f"{mount_path}/{item['path']}" for item in volume["secret"]["items"]}
     assert mounted and _secret_files(config_text) == mounted, "every *_file is a mounted secret file, and back"
     cfg = _load_as_mounted(config_text, mounted, {}, tmp_path)
+
+    # The command line is the gateway's, and an edited ConfigMap is reloaded.
+    run = cli._parser().parse_args(gw["args"])
+    assert run.func is cli._run and run.watch_config
 
     # Ports and probes are the config's.
     ports = {p["name"]: p["containerPort"] for p in gw["ports"]}

@@ -169,13 +169,13 @@ async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Callable[
                                  cookie_jar=aiohttp.DummyCookieJar())
     started: list[Running] = []
 
-    async def start(**settings: Any) -> Running:
+    async def start(*args: str, **settings: Any) -> Running:
         port = free_port()
         settings = {"port": port, "db": db, "upstream": upstream.url,
                     "routes": [ADMIN_ROUTE, CATCH_ALL], "keys": [KEY_1], **settings}
         config, log = tmp_path / "gateway.yaml", tmp_path / "gateway.log"
         config.write_text(_yaml(**settings))
-        proc = start_gateway(config, log=log)
+        proc = start_gateway(config, *args, log=log)
         running = Running(config, log, f"http://127.0.0.1:{port}", port, proc, http, settings)
         started.append(running)
         await until_healthy(http, running.url, proc)
@@ -285,6 +285,24 @@ async def test_a_change_that_needs_a_restart_is_refused_whole(gateway: Any) -> N
                                   "shutdown_timeout: changed, and takes effect only on a restart"]
     assert await gw.status("/open/page") == 401  # nothing of that file was applied
     assert await gw.status("/healthz") == 200  # still on the old port
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_watch_config_reloads_a_changed_file_without_a_signal(gateway: Any, workers: int) -> None:
+    gw = await gateway("--watch-config", workers=workers)
+    assert await gw.status("/open/page") == 401
+    gw.write(routes=["{path: /open/**, access: public}", CATCH_ALL])  # and no SIGHUP
+    await until(lambda: _is(gw, "/open/page", 200), "the changed file is served", seconds=15)
+    changed = gw.events("config_changed")[0]
+    assert changed["pid"] == gw.proc.pid  # the supervisor, with workers: it passes SIGHUP on
+    await until(lambda: len(gw.events("config_reloaded")) == workers, "every process reloads")
+
+    gw.write(routes=["{path: /open/**, access: everyone}", CATCH_ALL])  # broken: kept out
+    await until(lambda: gw.events("config_reload_failed"), "the broken file is refused")
+    assert await gw.status("/open/page") == 200
+    gw.write(routes=["{path: /open/**, access: authenticated}", CATCH_ALL])  # fixed: taken
+    await until(lambda: _is(gw, "/open/page", 401), "the fixed file is served", seconds=15)
+    assert gw.proc.poll() is None
 
 
 async def test_every_worker_reloads(gateway: Any) -> None:
