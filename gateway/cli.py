@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from . import config as config_module
 from . import logs, users
 from .errors import ConfigError, StoreUnavailable, UserError
-from .store import Store, open_store
+from .store import Session, Store, open_store
 
 T = TypeVar("T")
 security = logging.getLogger("gateway.security")
@@ -164,6 +164,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
     if args.workers is not None and not 1 <= args.workers <= 64:
         raise UserError("--workers must be between 1 and 64")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UserError("--port must be between 0 and 65535 (0: any free port, one worker only)")
     try:
         serve(cfg, host=args.host, port=args.port, workers=args.workers, log_format=args.log_format,
               watch_config=args.watch_config)
@@ -223,9 +225,13 @@ def _users_add(args: argparse.Namespace) -> int:
     password = _password(args, confirm=True)
 
     async def go(store: Store) -> None:
+        others = [name for name in await users.look_alikes(store, args.name) if name != args.name]
+        if others:
+            raise UserError(f"user {others[0]!r} exists, and {args.name!r} differs from it only in case, "
+                            "Unicode form or trailing punctuation: many apps would take them for one user")
         await users.add(store, args.name, password, list(roles))
 
-    _with_store(args, go, url)
+    _with_store(args, go, url, create=True)
     print(f"added user {args.name}" + (f" with roles {', '.join(roles)}" if roles else ""))
     return 0
 
@@ -270,7 +276,12 @@ def _users_passwd(args: argparse.Namespace) -> int:
 
 def _sessions_list(args: argparse.Namespace) -> int:
     now = time.time()
-    rows = _with_store(args, lambda store: store.list_sessions(args.user))
+    async def go(store: Store) -> list[Session]:
+        if args.user and await store.get_user(args.user) is None:
+            raise UserError(f"no user named {args.user!r}")
+        return await store.list_sessions(args.user)
+
+    rows = _with_store(args, go)
     live = [s for s in rows if s.revoked_at is None and s.expires_at > now]
     _table(["SESSION", "USER", "CREATED", "LAST USED", "IP", "USER AGENT"],
            [[s.id, s.user, _when(s.created_at), _when(s.last_used_at), s.ip or "-",
@@ -386,11 +397,15 @@ def _store_url(args: argparse.Namespace, *, owned: str | None = None) -> str:
     return cfg.store
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], url: str | None = None) -> T:
+def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], url: str | None = None,
+                *, create: bool = False) -> T:
+    """``work`` done on the store. Only ``create`` (users add) makes a SQLite file that is
+    not there yet: for the other commands a missing file is a mistyped path, not an empty
+    store."""
     url = url or _store_url(args)
 
     async def go() -> T:
-        store = await open_store(url)
+        store = await open_store(url, create=create)
         try:
             return await work(store)
         finally:

@@ -111,8 +111,13 @@ def look_alike(name: str) -> str:
 async def look_alike_taken(store: Store, name: str) -> bool:
     """Whether a user whose name looks like ``name`` exists: a self-registered ``dave``
     beside an operator's ``Dave`` would be the same user to such an app."""
+    return bool(await look_alikes(store, name))
+
+
+async def look_alikes(store: Store, name: str) -> list[str]:
+    """The users whose names look like ``name`` (see look_alike), ``name`` itself included."""
     wanted = look_alike(name)
-    return any(look_alike(existing) == wanted for existing in await store.user_names())
+    return sorted(existing for existing in await store.user_names() if look_alike(existing) == wanted)
 
 
 def check_registration(cfg: Registration, name: str, password: str) -> None:

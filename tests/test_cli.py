@@ -423,6 +423,39 @@ def _read_pty(fd: int, until: bytes | None, within: float = 20.0) -> bytes:
     return got
 
 
+def test_only_users_add_makes_a_sqlite_store_that_is_not_there(tmp_path: Path, env: dict[str, str]) -> None:
+    missing = tmp_path / "typo" / "usres.db"
+    store = ("--store", f"sqlite://{missing}")
+    results = gateway_all((("users", "list", *store), None), (("users", "disable", "erin", *store), None),
+                          (("users", "roles", "erin", *store), None), (("sessions", "list", *store), None),
+                          (("sessions", "revoke", "--user", "erin", *store), None), env=env)
+    for result in results:
+        fails_with(result, f"no SQLite store at {missing}")
+    assert not missing.parent.exists()  # no empty store, nor its directory, made on the way
+    added = gateway("users", "add", "erin", "--password-stdin", *store, env=env, stdin="erin-password-1\n")
+    assert (added.code, missing.is_file()) == (0, True)
+
+
+def test_users_add_refuses_a_name_that_looks_like_an_existing_one(cfg_path: Path, env: dict[str, str],
+                                                                  store_url: str) -> None:
+    c = ("--password-stdin", "-c", str(cfg_path))
+    assert gateway("users", "add", "carol", *c, env=env, stdin="carol-password-1\n").code == 0
+    for name in ("Carol", "CAROL", "carol.", "carol-"):
+        fails_with(gateway("users", "add", name, *c, env=env, stdin="carol-password-2\n"),
+                   f"user 'carol' exists, and {name!r} differs from it only in case")
+        assert asyncio.run(_user(store_url, name)) is None
+    assert gateway("users", "add", "carol2", *c, env=env, stdin="carol-password-2\n").code == 0
+
+
+def test_sessions_list_of_no_such_user_is_an_error(cfg_path: Path, env: dict[str, str]) -> None:
+    asyncio.run(_start_sessions(cfg_path, [], add=("alice",)))
+    c = ("-c", str(cfg_path))
+    nobody, alice = gateway_all((("sessions", "list", "--user", "nobody", *c), None),
+                                (("sessions", "list", "--user", "alice", *c), None), env=env)
+    fails_with(nobody, "no user named 'nobody'")
+    assert (alice.code, alice.out) == (0, "(none)\n")  # a user without sessions is no error
+
+
 def test_store_option_works_without_a_config_file(tmp_path: Path, env: dict[str, str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()  # no gateway.yaml here, and no GATEWAY_CONFIG
@@ -607,6 +640,13 @@ def test_run_on_a_busy_port_is_one_line(cfg_path: Path, env: dict[str, str]) -> 
     assert result.code == 1
     assert len(result.err_lines) == 1, result.err
     assert result.err_lines[0].startswith(f"gateway: error: cannot listen on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("port", ["65536", "99999", "-1"])
+def test_run_refuses_a_port_out_of_range(cfg_path: Path, env: dict[str, str], port: str) -> None:
+    # (99999 would otherwise be listened on as 99999 mod 65536, and -1 fail late)
+    fails_with(gateway("run", "-c", str(cfg_path), f"--port={port}", env=env),
+               "gateway: error: --port must be between 0 and 65535")
 
 
 @pytest.mark.slow
