@@ -237,4 +237,3 @@ def watching(path: str) -> Callable[[web.Application], AsyncIterator[None]]:
         task.cancel()
 
     return context
-
