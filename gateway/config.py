@@ -285,10 +285,19 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
+MAX_CONFIG_BYTES = 256 * 1024  # a real config is a few KiB; parsing YAML costs ~10 s per MiB
+
+
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        if not p.is_file() and p.exists():  # a FIFO or a device would block the read
+            raise ConfigError([f"{p}: not a regular file"])
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{p}: over {MAX_CONFIG_BYTES // 1024} KiB; a config is a few KiB"])
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{p}: config file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -334,8 +343,16 @@ def _compose(text: str, r: _Reader) -> tuple[Any, dict[str, int]]:
         loader.dispose()
 
 
-def _index_lines(node: yaml.Node, path: str, lines: dict[str, int], r: _Reader) -> None:
+def _index_lines(node: yaml.Node, path: str, lines: dict[str, int], r: _Reader,
+                 walked: set[int] | None = None) -> None:
+    """The line of every key path. A node reached again through an alias is not walked
+    again: its keys are reported at the anchor's lines, and nested aliases (a "billion
+    laughs" of a few hundred bytes) cost one walk, not one per expansion."""
     lines[path] = node.start_mark.line + 1
+    walked = set() if walked is None else walked
+    if id(node) in walked:
+        return
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -344,11 +361,11 @@ def _index_lines(node: yaml.Node, path: str, lines: dict[str, int], r: _Reader) 
             if key in seen:
                 r.problems.append(f"{sub} (line {key_node.start_mark.line + 1}): key given twice")
             seen.add(key)
-            _index_lines(value_node, sub, lines, r)
+            _index_lines(value_node, sub, lines, r, walked)
             lines[sub] = key_node.start_mark.line + 1  # the key's line: a block value starts below it
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_lines(item, f"{path}[{i}]", lines, r)
+            _index_lines(item, f"{path}[{i}]", lines, r, walked)
 
 
 def _join(path: str, key: str) -> str:

@@ -4,6 +4,7 @@ directly, every problem reported at once with its key path and YAML line."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 from pathlib import Path
 
@@ -526,7 +527,34 @@ def test_invalid_yaml_is_one_clear_problem_with_a_line(tmp_path: Path, old: str,
 
 def test_a_self_referencing_alias_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     found = problems(tmp_path, BASE + "x: &a [*a]\n")
-    assert len(found) == 1 and "not valid YAML" in found[0], found
+    assert len(found) == 1 and found[0].startswith("x (line ") and "unknown key" in found[0], found
+    found = problems(tmp_path, BASE + "trusted_proxies: &a [*a]\n")
+    assert len(found) == 1 and found[0].startswith("trusted_proxies[0] (line "), found
+
+
+def test_nested_aliases_cost_one_walk_not_one_per_expansion(tmp_path: Path) -> None:
+    # a few hundred bytes that expand to 10**9 strings: the line index walks each node once
+    levels = "abcdefghi"
+    anchors = [f"a: &a [{', '.join(['x'] * 10)}]"] + [
+        f"{cur}: &{cur} [{', '.join(['*' + prev] * 10)}]" for prev, cur in zip(levels, levels[1:], strict=False)]
+    found = problems(tmp_path, BASE + "x_lol: {" + ", ".join(anchors) + "}\n")
+    assert len(found) == 1 and found[0].startswith("x_lol (line ") and "unknown key" in found[0], found
+
+
+def test_a_config_file_over_the_size_limit_or_not_a_file_is_refused_unread(tmp_path: Path) -> None:
+    from gateway.config import MAX_CONFIG_BYTES
+    from gateway.config import load as load_file
+
+    big = tmp_path / "big.yaml"
+    big.write_text(BASE + "#" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_file(big)
+    assert caught.value.problems == [f"{big}: over 256 KiB; a config is a few KiB"]
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    with pytest.raises(ConfigError) as caught:
+        load_file(fifo)
+    assert caught.value.problems == [f"{fifo}: not a regular file"]
 
 
 # --- cookies --------------------------------------------------------------------------------
