@@ -137,6 +137,10 @@ async def register(request: web.Request) -> web.StreamResponse:
     if not isinstance(username, str) or not isinstance(password, str) or len(username) > 256 \
             or len(password) > 1024:
         raise BadRequest("invalid_request", "Send a username and a password as strings.")
+    try:
+        username.encode(), password.encode()
+    except UnicodeEncodeError:  # a lone surrogate from JSON: no text is made of that
+        raise BadRequest("invalid_request", "Send a username and a password as UTF-8 text.") from None
     ip = gw.proxy.client_ip(request)
     await gw.throttle.check(username, ip)
     await gw.throttle.attempted(ip)
@@ -161,11 +165,12 @@ async def register(request: web.Request) -> web.StreamResponse:
 def _registration_problem(cfg: Registration, code: str) -> str:
     if code == "weak_password":
         return (f"Choose a longer, less common password: at least {cfg.min_password_length} characters, "
-                "not your user name.")
+                "at least 4 different ones, not a common password and not your user name.")
     if cfg.username_pattern == Registration.username_pattern:
         return ("Choose another user name: 3 to 32 lower-case letters, digits, '.', '_' or '-', "
                 "beginning with a letter or digit.")
-    return f"Choose another user name: one that matches {cfg.username_pattern}."
+    return (f"Choose another user name: one that matches {cfg.username_pattern}, of at most 64 "
+            "letters, digits, '.', '_', '@' or '-', beginning with a letter or digit.")
 
 
 async def refresh(request: web.Request) -> web.StreamResponse:

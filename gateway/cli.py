@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from . import config as config_module
 from . import logs, users
@@ -388,13 +389,21 @@ def _store_url(args: argparse.Namespace, *, owned: str | None = None) -> str:
     if owned == "roles" and source == "htpasswd":
         raise UserError("users.source is htpasswd: its users have the roles of users.default_roles; "
                         "change them in the config")
-    where = cfg.users.upstream.url if cfg.users.upstream else "the upstream"
+    where = _without_credentials(cfg.users.upstream.url) if cfg.users.upstream else "the upstream"
     if owned == "passwords" and source == "upstream":
         raise UserError(f"users.source is upstream: {where} checks users and passwords; change them there")
     if owned == "roles" and source == "upstream":
         raise UserError(f"users.source is upstream: roles come from the answer of {where} at each sign-in "
                         "(users.upstream.roles_field, else users.default_roles); change them there")
     return cfg.store
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` as it may be shown: a ``user:password@`` in it is left out."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], url: str | None = None,

@@ -346,7 +346,7 @@ def test_password_without_stdin_flag_and_no_terminal_fails_clearly(
     ("{source: htpasswd, file: users.htpasswd}",
      "users.source is htpasswd: users and passwords live in {dir}/users.htpasswd; edit it with htpasswd -B",
      "users.source is htpasswd: its users have the roles of users.default_roles; change them in the config"),
-    ("{source: upstream, url: http://127.0.0.1:9/login}",
+    ("{source: upstream, url: 'http://svc:s3cret@127.0.0.1:9/login'}",  # the password is never shown
      "users.source is upstream: http://127.0.0.1:9/login checks users and passwords; change them there",
      "users.source is upstream: roles come from the answer of http://127.0.0.1:9/login at each sign-in "
      "(users.upstream.roles_field, else users.default_roles); change them there"),

@@ -168,7 +168,8 @@ async def test_registration_says_the_rule_that_was_broken(gateway_factory: Gatew
         "Choose another user name: 3 to 32 lower-case letters, digits, '.', '_' or '-', "
         "beginning with a letter or digit.")
     assert (await _register(gw, "erin", "short-pass"))[1]["error_description"] == (
-        "Choose a longer, less common password: at least 12 characters, not your user name.")
+        "Choose a longer, less common password: at least 12 characters, at least 4 different ones, "
+        "not a common password and not your user name.")
 
     def own_pattern(raw: dict[str, Any]) -> None:
         _registration(raw)
@@ -176,8 +177,11 @@ async def test_registration_says_the_rule_that_was_broken(gateway_factory: Gatew
 
     gw = await gateway_factory(own_pattern)
     assert (await _register(gw, "erin", "a-long-enough-password"))[1]["error_description"] == (
-        "Choose another user name: one that matches [a-z]+@example[.]com.")
+        "Choose another user name: one that matches [a-z]+@example[.]com, of at most 64 letters, digits, "
+        "'.', '_', '@' or '-', beginning with a letter or digit.")
     assert (await _register(gw, "erin@example.com", "a-long-enough-password"))[0] == 201
+    status, body, _ = await _register(gw, "fred@example.com", "\ud800\ud800-long-enough")  # lone surrogates
+    assert (status, body["error"]) == (400, "invalid_request")
 
 
 async def test_registration_is_same_site_and_throttled(gateway_factory: GatewayFactory) -> None:
