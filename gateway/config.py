@@ -922,9 +922,13 @@ def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None
     return Cookies(secure=secure, access=access, refresh=refresh, retired_names=retired)
 
 
+# identity_headers when the config has none; their names are stripped from clients always
+DEFAULT_IDENTITY_HEADERS = (("X-Auth-User", "sub"), ("X-Auth-Roles", "roles"))
+
+
 def _identity_headers(top: _Section) -> tuple[tuple[str, str], ...]:
     if not top.has("identity_headers"):
-        return (("X-Auth-User", "sub"), ("X-Auth-Roles", "roles"))
+        return DEFAULT_IDENTITY_HEADERS
     out = []
     for header, claim, path in top.mapping("identity_headers"):
         if not _TOKEN.fullmatch(header):

@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import cookies, metrics
-from .config import Config, Cookies, Route
+from .config import DEFAULT_IDENTITY_HEADERS, Config, Cookies, Route
 from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from .paths import Target
 from .tokens import Identity
@@ -138,7 +138,10 @@ class Proxy:
         self.config = config
         self.trusted = config.trusted_proxies
         self._identity = tuple((header, claim) for header, claim in config.identity_headers)
-        self._always_drop = NEVER_FORWARDED | {canonical(h) for h, _ in config.identity_headers}
+        # the default names too: a config that dropped or renamed one (or a file reloaded
+        # half written) must not let a client's copy through to an app that still reads it
+        self._always_drop = NEVER_FORWARDED | {canonical(h) for h, _ in
+                                               (*config.identity_headers, *DEFAULT_IDENTITY_HEADERS)}
         self._own_cookies = cookies.names(config.cookies, retired_cookies)
         public = urlsplit(config.public_url) if config.public_url else None
         self._public_scheme = public.scheme if public else None

@@ -190,26 +190,33 @@ async def on_sighup(app: web.Application) -> AsyncIterator[None]:
 
 
 class FileWatch:
-    """Whether a file has changed since the last look: its modification time, size or inode
-    (a new file renamed over it, or a symlink pointed at a new one). A file that cannot be
+    """Whether a file has changed since the last look: its modification or status-change
+    time (a chmod, a restored mtime), size or inode (a new file renamed over it, or a
+    symlink pointed at a new one). A change counts once two looks in a row see the same new
+    state, so that a file still being written is not taken half way. A file that cannot be
     read does not count as a change; the change is the file that comes back."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._seen = self._signature()
+        self._settling: tuple[int, int, int, int] | None = None
 
-    def _signature(self) -> tuple[int, int, int] | None:
+    def _signature(self) -> tuple[int, int, int, int] | None:
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+        return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
     def changed(self) -> bool:
         now = self._signature()
         if now is None or now == self._seen:
+            self._settling = None
             return False
-        self._seen = now
+        if now != self._settling:  # new since the last look: wait for it to hold still
+            self._settling = now
+            return False
+        self._seen, self._settling = now, None
         return True
 
 

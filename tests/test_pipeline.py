@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+from typing import Any
 
 import aiohttp
 import pytest
@@ -130,6 +131,25 @@ async def test_spoofed_identity_headers_are_removed_on_public_routes(gw: Gateway
         assert resp.status == 200
     assert upstream.seen[-1].header("X-Auth-User") == []
     assert upstream.seen[-1].header("X-Auth-Roles") == []
+
+
+async def test_the_default_identity_headers_are_stripped_under_any_config(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    # A config that renamed them (or a file reloaded half written): an app that still reads
+    # X-Auth-Roles must not get a client's copy.
+    def renamed(raw: dict[str, Any]) -> None:
+        raw["identity_headers"] = {"X-Remote-User": "sub"}
+
+    gw = await gateway_factory(renamed)
+    token = await gw.token("alice")
+    spoofed = {"Authorization": f"Bearer {token}", "X-Auth-User": "root", "X-Auth-Roles": "admin",
+               "X-Remote-User": "root"}
+    async with gw.http.get(f"{gw.url}/profile", headers=spoofed) as resp:
+        assert resp.status == 200
+    seen = upstream.seen[-1]
+    assert (seen.header("X-Auth-User"), seen.header("X-Auth-Roles")) == ([], [])
+    assert seen.header("X-Remote-User") == ["alice"]
 
 
 async def test_identity_header_spellings_for_wsgi_upstreams_are_removed(gw: Gateway, upstream: Upstream) -> None:

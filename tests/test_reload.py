@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from processes import free_port, start_gateway, stop, until_healthy
 
+from gateway import reload
 from gateway.store import open_store
 
 from conftest import PASSWORDS, add_test_users
@@ -285,6 +286,23 @@ async def test_a_change_that_needs_a_restart_is_refused_whole(gateway: Any) -> N
                                   "shutdown_timeout: changed, and takes effect only on a restart"]
     assert await gw.status("/open/page") == 401  # nothing of that file was applied
     assert await gw.status("/healthz") == 200  # still on the old port
+
+
+def test_a_file_watch_takes_a_change_once_it_holds_still(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("routes: []\n")
+    watch = reload.FileWatch(str(path))
+    assert not watch.changed()
+    path.write_text("routes: []\nidentity_headers:\n")  # saved half way...
+    assert not watch.changed()  # ...is not taken at the first look
+    path.write_text("routes: []\nidentity_headers:\n  X-Auth-User: sub\n")  # still being written
+    assert not watch.changed()
+    assert watch.changed()  # the same at two looks in a row: taken, once
+    assert not watch.changed()
+    path.unlink()
+    assert not watch.changed() and not watch.changed()  # gone is no change
+    path.write_text("routes: []\n")
+    assert [watch.changed(), watch.changed()] == [False, True]  # the file that comes back is
 
 
 @pytest.mark.parametrize("workers", [1, 2])
