@@ -110,17 +110,23 @@ def _shared_metrics() -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _logging_stop_signals(stopped_by: list[str]) -> Callable[[web.Application], AsyncIterator[None]]:
+def _stop_signals(stopped_by: list[str], *, worker: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context: SIGINT and SIGTERM stop the server as aiohttp's own handlers do
-    (installed just before; these replace them), and the first one logs ``stopping`` and
-    is put in ``stopped_by``."""
+    (installed just before; these replace them). The first one is put in ``stopped_by`` and
+    logged as ``stopping`` (by a worker's supervisor, for a worker). A second one during
+    shutdown exits at once (status 1), except in a worker, which ignores it: a signal to the
+    whole process group (Ctrl-C, systemd) reaches a worker from the sender and again from
+    the supervisor, and the supervisor kills a worker that overstays its shutdown."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         def stop(signum: signal.Signals) -> None:
+            if stopped_by and worker:
+                return
             if not stopped_by:
                 stopped_by.append(signum.name)
-                log.info("stopping", extra={"fields": {"signal": signum.name}})
-            raise web.GracefulExit()  # a second one during shutdown exits at once (status 1)
+                if not worker:
+                    log.info("stopping", extra={"fields": {"signal": signum.name}})
+            raise web.GracefulExit()
 
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -131,15 +137,14 @@ def _logging_stop_signals(stopped_by: list[str]) -> Callable[[web.Application], 
 
 
 def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None] | None,
-               reuse_port: bool, stopped_by: list[str] | None = None, watch_config: bool = False) -> None:
-    """``stopped_by``: log ``stopping`` at SIGINT/SIGTERM, and put the signal's name there.
+               reuse_port: bool, stopped_by: list[str], worker: bool = False, watch_config: bool = False) -> None:
+    """``stopped_by``: the SIGINT/SIGTERM that stopped it goes there (see _stop_signals).
     ``watch_config``: reload when the config file changes (a worker leaves that to the
     supervisor, which passes SIGHUP on)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until reload.on_sighup unblocks it
     app = create_app(config)
     app.cleanup_ctx.append(reload.on_sighup)
-    if stopped_by is not None:
-        app.cleanup_ctx.append(_logging_stop_signals(stopped_by))
+    app.cleanup_ctx.append(_stop_signals(stopped_by, worker=worker))
     if watch_config:
         app.cleanup_ctx.append(reload.watching(config.source))
     # On SIGINT/SIGTERM aiohttp stops listening, closes idle connections, lets the requests
@@ -172,7 +177,7 @@ def _worker(config: Config, host: str, port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)  # aiohttp installs its own graceful handlers
     try:
-        _serve_one(config, host, port, ready=None, reuse_port=True)
+        _serve_one(config, host, port, ready=None, reuse_port=True, stopped_by=[], worker=True)
     except OSError as exc:
         log.error("worker_cannot_listen", extra={"fields": {"host": host, "port": port,
                                                             "reason": exc.strerror or str(exc)}})
