@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 
 from . import browser, cookies, errors, metrics, users
 from .config import Registration
+from .credentials import InvalidCredentials, belongs
 from .errors import (
     BadRequest,
     Conflict,
@@ -106,6 +107,9 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise
     try:
         user = await gw.credentials.check(username, password)
+        await _end_presented_session(gw, inbound)
+        session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
+        user = await _as_it_is_now(gw, user, session)
     except Unauthorized as exc:
         await gw.throttle.failed(username, ip)
         metrics.login("failed")
@@ -116,8 +120,6 @@ async def login(request: web.Request) -> web.StreamResponse:
                          error="The user name or password is incorrect.")
         raise
     await gw.throttle.succeeded(username)
-    await _end_presented_session(gw, inbound)
-    session, refresh_token = await gw.sessions.start(user, ip, request.headers.get("User-Agent", ""))
     metrics.login("ok")
     security.info("login_succeeded", extra={"fields": {"user": user.name, "sid": session.id, "ip": ip}})
     if is_form:
@@ -125,6 +127,18 @@ async def login(request: web.Request) -> web.StreamResponse:
     else:
         response = web.Response()
     return _signed_in(gw, response, user, session, refresh_token)
+
+
+async def _as_it_is_now(gw: Gateway, user: User, session: Session) -> User:
+    """The user as the store has it now that the session exists. A ``users roles`` or
+    ``users disable`` that ran while this login was hashing the password ended the sessions
+    that existed then, not this one: read after the session was made, the row tells, and the
+    new session either carries the roles as they are now or ends before its first token."""
+    now = await gw.store.get_user(user.name)
+    if now is None or now.disabled or not belongs(now, gw.config.users.source):
+        await gw.store.revoke_session(session.id, gw.clock(), "user_disabled")
+        raise InvalidCredentials().because("user_changed_during_login")
+    return now
 
 
 async def register(request: web.Request) -> web.StreamResponse:

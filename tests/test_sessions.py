@@ -152,6 +152,36 @@ async def test_a_role_added_arrives_at_the_next_refresh_and_one_taken_away_ends_
     assert status == 401 and body["error"] == "session_revoked"
 
 
+@pytest.mark.parametrize("change", ["roles", "disable"])
+async def test_a_user_change_while_a_login_hashes_reaches_its_new_session(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    # The operator's command lands between the password check and the session: it ends the
+    # sessions that exist then, which are not yet this one.
+    credentials = gw.app[LIVE].current.credentials
+    check = credentials.check
+
+    async def operator_acts_meanwhile(username: str, password: str) -> User:
+        user = await check(username, password)
+        if change == "roles":
+            await users.set_roles(gw.store, "bob", ["user"], clock=gw.clock)  # admin taken away
+        else:
+            await users.disable(gw.store, "bob", clock=gw.clock)
+        return user
+
+    monkeypatch.setattr(credentials, "check", operator_acts_meanwhile)
+    async with gw.http.post(f"{gw.url}/auth/login", json={"username": "bob", "password": "bob-password-1"}) as resp:
+        status, body = resp.status, await resp.json()
+    live = [s for s in await gw.store.list_sessions("bob") if s.revoked_at is None]
+    if change == "roles":
+        assert status == 200 and _claims(body["access_token"])["roles"] == ["user"]
+        assert await _status(gw, body["access_token"], "/admin/x") == 403
+        assert len(live) == 1
+    else:
+        assert (status, body["error"]) == (401, "invalid_credentials")
+        assert live == []
+
+
 async def test_revocations_leave_the_view_after_the_horizon(gw: Gateway) -> None:
     login = await gw.login("alice")
     async with gw.http.post(f"{gw.url}/auth/logout", headers={"Authorization": f"Bearer {login['access_token']}"}) as resp:
