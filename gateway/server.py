@@ -10,6 +10,7 @@ import multiprocessing.process
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -176,12 +177,17 @@ def event_loop() -> asyncio.AbstractEventLoop:
 def _worker(config: Config, host: str, port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)  # aiohttp installs its own graceful handlers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # (see start())
     try:
         _serve_one(config, host, port, ready=None, reuse_port=True, stopped_by=[], worker=True)
     except OSError as exc:
         log.error("worker_cannot_listen", extra={"fields": {"host": host, "port": port,
                                                             "reason": exc.strerror or str(exc)}})
         raise SystemExit(3) from None
+    # Done serving, so done: a worker stopped while it was still starting can leave the
+    # store's thread behind, and waiting for it would keep the worker alive for good.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _supervise(config: Config, host: str, port: int, count: int, *, watch_config: bool = False) -> None:
@@ -200,7 +206,9 @@ def _supervise(config: Config, host: str, port: int, count: int, *, watch_config
         process = context.Process(target=_worker, args=(config, host, port), name=f"gateway-worker-{n}")
         # The worker starts with SIGHUP blocked (and so pending, not lost, until its own
         # handler is in place: reload.on_sighup); this process's handler is not for it.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # SIGTERM and SIGINT too, until _worker has put the default action back: run by
+        # this process's handlers, a stop would be taken for the supervisor's own.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
         try:
             process.start()
         finally:
@@ -261,7 +269,8 @@ def _supervise(config: Config, host: str, port: int, count: int, *, watch_config
                 metrics.process_dead(process.pid)
             if stopping:
                 continue
-            if time.monotonic() - started_at < 5:
+            if process.exitcode != 0 and time.monotonic() - started_at < 5:
+                # (exit 0 is a worker stopped by a signal from elsewhere: it is replaced)
                 stop(signal.SIGTERM, None)
                 for other in workers.values():
                     other.join(timeout=15)
@@ -269,6 +278,8 @@ def _supervise(config: Config, host: str, port: int, count: int, *, watch_config
                                 f"is {host}:{port} free?")
             log.warning("worker_exited", extra={"fields": {"worker": n, "code": process.exitcode}})
             workers[n] = start(n)
+            if stopping:  # a stop signalled while it was starting did not see it in workers
+                workers[n].terminate()
     if stop_signal is not None:
         announce()  # the signal came during the last worker's last wait
         log.info("stopped", extra={"fields": {"signal": stop_signal.name}})

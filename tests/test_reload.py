@@ -453,6 +453,29 @@ async def test_sigterm_lets_a_request_in_flight_finish(gateway: Any, upstream: U
     assert (stopping["signal"], stopping["pid"]) == (stopped["signal"], stopped["pid"]) == ("SIGTERM", gw.proc.pid)
 
 
+async def test_sigterm_to_the_whole_process_group_still_lets_requests_finish(
+    gateway: Any, upstream: Upstream
+) -> None:
+    # Ctrl-C or systemd signal every process: each worker gets SIGTERM from the sender and
+    # then again from the supervisor, and must not take the second for "exit at once".
+    gw = await gateway(workers=2)
+    alice = await gw.login()
+    slow = await _slow_request(gw, upstream, alice["access"])
+    children = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()
+    assert len(children) == 2
+    for pid in map(int, children):  # the sender's signal reaches the workers...
+        os.kill(pid, signal.SIGTERM)
+    # ...the one without a request stops at once (so both have taken their signal), and the
+    # supervisor, not yet signalled itself, replaces it rather than give up
+    await until(lambda: gw.events("worker_exited"), "an idle worker stops and is replaced")
+    gw.proc.send_signal(signal.SIGTERM)  # ...then the supervisor, which passes it on again
+    await until(lambda: gw.events("stopping"), "the supervisor is stopping")
+    upstream.release.set()
+    assert await slow == (200, b"x" * 100_000)
+    assert await _exit_code(gw.proc) == 0
+    assert gw.events("worker_exited")[0]["code"] == 0
+
+
 async def test_sigterm_past_shutdown_timeout_cuts_the_request_and_exits_0(gateway: Any, upstream: Upstream) -> None:
     gw = await gateway(shutdown_timeout="1s")
     alice = await gw.login()
