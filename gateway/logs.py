@@ -158,3 +158,7 @@ class AccessLog(AbstractAccessLogger):
             "bytes_in": request.content.total_bytes,
             "bytes_out": response.body_length,
         }})
+        # aiohttp's handler keeps a connection's last request and answer until its next
+        # request: let go of the answer's headers, most of what an idle keep-alive
+        # connection would otherwise cost (bench/memory.py: 11.3 -> 9.1 KiB each).
+        response.headers.clear()

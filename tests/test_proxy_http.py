@@ -4,10 +4,14 @@ Expect: 100-continue, body limits, and strip_prefix."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
+import uuid
 from typing import Any
 
 import pytest
+
+from gateway.proxy import _Relayed
 
 from conftest import Gateway, GatewayFactory, Upstream
 
@@ -159,3 +163,33 @@ async def test_no_gateway_cookie_reaches_the_upstream_under_any_name(
     assert sorted(c.split("=", 1)[0] for c in expired) == sorted(
         [f"{prefix}sess_a", f"{prefix}sess_r", "old_refresh", "__Host-old_access"])
     assert all("Path=/" in c for c in expired)
+
+
+async def test_an_idle_keep_alive_connection_keeps_no_headers_of_its_last_answer(
+        gateway_factory: GatewayFactory) -> None:
+    """aiohttp's handler holds a connection's last request and answer until its next request
+    arrives: with thousands of idle keep-alive connections, their headers were most of what
+    each one cost. Once an answer is sent and logged, its headers are let go."""
+    gw = await _public(gateway_factory)
+    marker = f"m-{uuid.uuid4().hex}"
+
+    def held() -> list[Any]:
+        gc.collect()
+        return [o for o in gc.get_objects()
+                if isinstance(o, _Relayed) and o.headers.get("X-Marker") == marker]
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(f"GET /respond?header=X-Marker:{marker}&body=hi HTTP/1.1\r\n"
+                     f"Host: gateway.test\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and f"X-Marker: {marker}".encode() in head
+        assert await reader.readexactly(2) == b"hi"
+        # the answer is on the wire; the access log runs just after it is written
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while held() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert held() == []
+        assert not reader.at_eof()  # the connection is still open, idle
+    finally:
+        writer.close()
