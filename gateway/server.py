@@ -123,10 +123,15 @@ def _stop_signals(stopped_by: list[str], *, worker: bool) -> Callable[[web.Appli
         def stop(signum: signal.Signals) -> None:
             if stopped_by and worker:
                 return
-            if not stopped_by:
-                stopped_by.append(signum.name)
-                if not worker:
-                    log.info("stopping", extra={"fields": {"signal": signum.name}})
+            if stopped_by:
+                # Asked twice: the requests still in flight are cut, their connections
+                # closed by the kernel. The store needs nothing more: a SQLite transaction
+                # or a Redis MULTI that did not finish is not there.
+                log.warning("stopped_now", extra={"fields": {"signal": signum.name}})
+                os._exit(1)
+            stopped_by.append(signum.name)
+            if not worker:
+                log.info("stopping", extra={"fields": {"signal": signum.name}})
             raise web.GracefulExit()
 
         loop = asyncio.get_running_loop()

@@ -486,6 +486,22 @@ async def test_sigterm_past_shutdown_timeout_cuts_the_request_and_exits_0(gatewa
         await slow
 
 
+async def test_a_second_sigterm_exits_at_once_with_one_clear_line(gateway: Any, upstream: Upstream) -> None:
+    gw = await gateway()
+    alice = await gw.login()
+    slow = await _slow_request(gw, upstream, alice["access"])  # never released
+    gw.proc.send_signal(signal.SIGTERM)
+    await until(lambda: gw.events("stopping"), "the gateway is stopping")
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await _exit_code(gw.proc) == 1
+    with pytest.raises(aiohttp.ClientError):
+        await slow
+    [now] = gw.events("stopped_now")
+    assert (now["level"], now["signal"]) == ("warning", "SIGTERM")
+    assert "Traceback" not in gw.log.read_text()
+    assert not gw.events("stopped")
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_closes_websockets_with_going_away(gateway: Any, workers: int) -> None:
     gw = await gateway(workers=workers)
