@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import re
 import shutil
 import signal
 import sys
@@ -162,10 +163,18 @@ def _serve_one(config: Config, host: str, port: int, *, ready: Callable[[], None
         port=port,
         reuse_port=reuse_port,
         **HANDLER_OPTIONS,
-        print=(lambda _banner: ready()) if ready else None,
+        print=lambda banner: _listening(banner, ready),
         shutdown_timeout=config.shutdown_timeout,
         loop=event_loop(),
     )
+
+
+def _listening(banner: str, ready: Callable[[], None] | None) -> None:
+    """aiohttp's "Running on ..." banner, once every socket listens, holds the ports bound
+    (the one the system chose, for port 0): logged as ``listening``."""
+    log.info("listening", extra={"fields": {"urls": re.findall(r"https?://[^\s,]+", banner)}})
+    if ready is not None:
+        ready()
 
 
 def event_loop() -> asyncio.AbstractEventLoop:

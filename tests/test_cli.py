@@ -676,6 +676,30 @@ def test_run_serves_until_sigterm(cfg_path: Path, env: dict[str, str]) -> None:
     assert [(e["event"], e["signal"]) for e in events[-2:]] == [("stopping", "SIGTERM"), ("stopped", "SIGTERM")]
 
 
+@pytest.mark.slow
+def test_run_on_port_0_logs_the_port_it_got(cfg_path: Path, env: dict[str, str]) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(cfg_path), "--port", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        deadline, out, events = time.monotonic() + 15, b"", []
+        while not any(e["event"] == "listening" for e in events):
+            assert time.monotonic() < deadline and proc.poll() is None, "no listening line"
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                out += os.read(proc.stdout.fileno(), 65536)
+                events = [json.loads(line) for line in out.decode().splitlines(keepends=True)
+                          if line.startswith("{") and line.endswith("\n")]
+        [listening] = [e for e in events if e["event"] == "listening"]
+        [url] = listening["urls"]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url) and not url.endswith(":0")
+        status, body = _get(url + "/readyz")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
 # --- gateway demo ---------------------------------------------------------------------------
 
 
