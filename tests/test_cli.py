@@ -14,6 +14,7 @@ import secrets
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -434,6 +435,37 @@ def test_only_users_add_makes_a_sqlite_store_that_is_not_there(tmp_path: Path, e
     assert not missing.parent.exists()  # no empty store, nor its directory, made on the way
     added = gateway("users", "add", "erin", "--password-stdin", *store, env=env, stdin="erin-password-1\n")
     assert (added.code, missing.is_file()) == (0, True)
+
+
+def test_another_programs_sqlite_file_is_refused_and_left_as_it_was(
+        cfg_path: Path, env: dict[str, str], tmp_path: Path) -> None:
+    theirs = tmp_path / "shop.db"
+    with sqlite3.connect(theirs) as db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+        db.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER)")
+        db.execute("INSERT INTO orders (total) VALUES (42)")
+    before = theirs.read_bytes()
+    store = ("--store", f"sqlite://{theirs}")
+    config = tmp_path / "theirs.yaml"
+    config.write_text(CONFIG.replace("store: sqlite:data/gateway.db", f"store: sqlite://{theirs}"))
+    why = f"gateway: error: the file at {theirs} is another program's SQLite database (tables: orders, users)"
+    *commands, run = gateway_all((("users", "list", *store), None),
+                                 (("users", "add", "erin", "--password-stdin", *store), "erin-password-1\n"),
+                                 (("run", "-c", str(config)), None), env=env)
+    for result in commands:
+        fails_with(result, why)
+    assert (run.code, run.err_lines) == (1, [f"{why}, not a gateway store; give the store a file of its own"])
+    assert theirs.read_bytes() == before  # no table added, the journal mode untouched
+    assert not Path(f"{theirs}-wal").exists()
+
+
+def test_a_store_from_a_newer_gateway_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute("CREATE TABLE users (name TEXT PRIMARY KEY)")
+        db.execute("PRAGMA user_version = 999")
+    fails_with(gateway("users", "list", "--store", f"sqlite://{newer}", env=env),
+               "the store's schema (version 999) is newer than this gateway knows")
 
 
 def test_users_add_refuses_a_name_that_looks_like_an_existing_one(cfg_path: Path, env: dict[str, str],

@@ -131,14 +131,31 @@ class SQLiteStore:
             raise UserError(f"cannot open the store at {path}: {exc}") from None
         store = cls(db)
         try:
+            await store._refuse_another_programs_file(path)
             for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL",
                            "foreign_keys=ON"):
                 await db.execute(f"PRAGMA {pragma}")
             await store._migrate()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreUnavailable) as exc:  # (the latter wraps the former)
             await db.close()
-            raise UserError(f"cannot use the store at {path}: {exc}") from None
+            cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
+            raise UserError(f"cannot use the store at {path}: {cause}") from None
+        except BaseException:
+            await db.close()  # else its thread keeps the process alive
+            raise
         return store
+
+    async def _refuse_another_programs_file(self, path: str) -> None:
+        """A file with tables but no gateway schema (user_version 0) is some other program's
+        database, given by mistake: leave it as it is, journal mode included."""
+        if (await self._one("PRAGMA user_version"))[0] != 0:
+            return
+        tables = [row[0] for row in await self._all(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        if tables:
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise UserError(f"the file at {path} is another program's SQLite database (tables: {shown}), "
+                            "not a gateway store; give the store a file of its own")
 
     async def _migrate(self) -> None:
         async with self._write() as db:
