@@ -134,14 +134,17 @@ def _forwards_token(request: web.BaseRequest) -> bool:
 
 
 class Proxy:
-    def __init__(self, config: Config, retired_cookies: Iterable[Cookies] = ()) -> None:
+    def __init__(self, config: Config, retired_cookies: Iterable[Cookies] = (),
+                 retired_identity_headers: Iterable[str] = ()) -> None:
         self.config = config
         self.trusted = config.trusted_proxies
         self._identity = tuple((header, claim) for header, claim in config.identity_headers)
-        # the default names too: a config that dropped or renamed one (or a file reloaded
-        # half written) must not let a client's copy through to an app that still reads it
-        self._always_drop = NEVER_FORWARDED | {canonical(h) for h, _ in
-                                               (*config.identity_headers, *DEFAULT_IDENTITY_HEADERS)}
+        # the default names too, and those of the configs a reload replaced: a config that
+        # dropped or renamed one (or a file reloaded half written) must not let a client's
+        # copy through to an app that still reads it
+        self._always_drop = NEVER_FORWARDED | {canonical(h) for h in (
+            *(h for h, _ in config.identity_headers), *(h for h, _ in DEFAULT_IDENTITY_HEADERS),
+            *retired_identity_headers)}
         self._own_cookies = cookies.names(config.cookies, retired_cookies)
         public = urlsplit(config.public_url) if config.public_url else None
         self._public_scheme = public.scheme if public else None

@@ -127,7 +127,9 @@ class Live:
                                revocations=old.revocations,
                                credentials=old.credentials if new.users == old.config.users else None,
                                retired_cookies=cookies.retire(old.config.cookies, old.retired_cookies,
-                                                              new.cookies))
+                                                              new.cookies),
+                               retired_identity_headers=old.retired_identity_headers
+                               | {header for header, _ in old.config.identity_headers})
             await gw.proxy.start()
             self.swap(gw)
             if new.users.source != old.config.users.source:

@@ -39,12 +39,15 @@ class Gateway:
     # The cookie settings of the configs reloads replaced (cookies.retire): a browser may
     # still send those cookies, which must never reach an upstream.
     retired_cookies: tuple[Cookies, ...] = ()
+    # The identity headers of the configs reloads replaced: an app may still read one.
+    retired_identity_headers: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, config: Config, store: Store, clock: Callable[[], float], *,
               endpoints: dict[str, dict[str, Handler]] | None = None,
               revocations: Revocations | None = None, credentials: Credentials | None = None,
-              retired_cookies: tuple[Cookies, ...] = ()) -> Gateway:
+              retired_cookies: tuple[Cookies, ...] = (),
+              retired_identity_headers: frozenset[str] = frozenset()) -> Gateway:
         """The parts for ``config``. A reload passes the running revocation view (one per
         process: its state and its poller outlive any config) and, when ``users`` did not
         change, the running credentials (their hashing threads and htpasswd watcher)."""
@@ -63,11 +66,12 @@ class Gateway:
             tokens=AccessTokens(config.tokens, clock),
             sessions=Sessions(store, config.tokens, clock, revocations, source=config.users.source),
             credentials=credentials or Credentials(store, config.users, clock),
-            proxy=Proxy(config, retired_cookies),
+            proxy=Proxy(config, retired_cookies, retired_identity_headers),
             revocations=revocations,
             throttle=LoginThrottle(store, config.throttle, clock),
             endpoints=endpoints or {},
             retired_cookies=retired_cookies,
+            retired_identity_headers=retired_identity_headers,
         )
 
 

@@ -52,6 +52,7 @@ class Upstream:
     held: int = 0  # /slow requests waiting now
     release: asyncio.Event = field(default_factory=asyncio.Event)
     cookies: list[str] = field(default_factory=list)  # every Cookie header that arrived
+    headers: list[dict[str, str]] = field(default_factory=list)  # of every request, lower-cased names
 
 
 @pytest.fixture
@@ -71,6 +72,7 @@ async def upstream() -> AsyncIterator[Upstream]:
                 await ws.send_str(msg.data)
             return ws
         state.cookies.extend(request.headers.getall("Cookie", ()))
+        state.headers.append({name.lower(): value for name, value in request.headers.items()})
         return web.json_response({"path": request.path, "user": request.headers.get("X-Auth-User")})
 
     app = web.Application()
@@ -138,7 +140,7 @@ class Running:
 
 def _yaml(*, port: int, db: Path, upstream: str, routes: list[str], keys: list[str], workers: int = 1,
           shutdown_timeout: str = "10s", cookies: str = "{secure: false}", users: str = "{source: store}",
-          registration: str = "{enabled: false}") -> str:
+          registration: str = "{enabled: false}", identity_headers: str = "{X-Auth-User: sub}") -> str:
     return "\n".join([
         f"listen: {{host: 127.0.0.1, port: {port}}}",
         f'store: "sqlite:///{db}"',
@@ -151,6 +153,7 @@ def _yaml(*, port: int, db: Path, upstream: str, routes: list[str], keys: list[s
         f"cookies: {cookies}",
         f"users: {users}",
         f"registration: {registration}",
+        f"identity_headers: {identity_headers}",
         "routes:",
         *(f"  - {route}" for route in routes),
         f"workers: {workers}",
@@ -357,6 +360,25 @@ async def test_many_reloads_leak_nothing(gateway: Any) -> None:
 
 
 PUBLIC_ROUTE = "{path: /static/**, access: public}"
+
+
+async def test_a_renamed_identity_header_is_still_taken_from_clients_after_the_reload(
+    gateway: Any, upstream: Upstream
+) -> None:
+    # The app may read the old name until it is changed too: a client must not fill it in.
+    gw = await gateway(identity_headers="{X-Remote-User: sub}")
+    alice = await gw.login()
+    gw.write(identity_headers="{X-User: sub}")
+    gw.hangup()
+    await until(lambda: gw.events("config_reloaded"), "the renamed header is in use")
+    for spelling in ("X-Remote-User", "x_remote_user"):
+        upstream.headers.clear()
+        async with gw.http.get(f"{gw.url}/profile", headers={
+                "Authorization": f"Bearer {alice['access']}", spelling: "admin"}) as resp:
+            assert resp.status == 200
+        [seen] = upstream.headers
+        assert seen["x-user"] == "alice"
+        assert not {"x-remote-user", "x_remote_user"} & seen.keys()
 
 
 async def test_renamed_cookies_never_reach_the_upstream_and_logout_expires_them(
