@@ -24,7 +24,7 @@ from .errors import BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFo
 from .paths import normalize
 from .pipeline import authorize
 from .proxy import Proxy
-from .routes import RouteTable, access_for, allowed_methods, method_override, shadowed
+from .routes import RouteTable, access_for, allowed_methods, offending_override, shadowed
 from .tokens import Identity
 
 ClaimValue = str | int | bool | list[str | int | bool]
@@ -244,7 +244,7 @@ def _why(ex: Explanation, refused: GatewayError, config: Config) -> str:
     route, access, caller = ex.route, ex.access, ex.caller
     where = f"routes[{route.index}]" if route else ""
     if isinstance(refused, MethodNotAllowed):
-        override = method_override(ex.query)
+        override = offending_override(route, ex.method, ex.query) if route else None
         asked = override if override and route and _access_for_explaining(route, ex.method) else ex.method
         allowed = refused.headers["Allow"]
         named = f"method {asked}" + (" (named by _method in the query)" if asked != ex.method else "")
@@ -262,7 +262,7 @@ def _why(ex: Explanation, refused: GatewayError, config: Config) -> str:
         return f"no route matches {ex.path} (a path no route matches is denied)"
     if isinstance(refused, BadRequest):
         if refused.code == "ambiguous_method" and route is not None:
-            override = method_override(ex.query) or ""
+            override = offending_override(route, ex.method, ex.query) or ""
             other = _access_for_explaining(route, override)
             return (f"the query names _method={override}, which needs "
                     f"{describe_access(other) if other else '?'} on {where} while {ex.method} needs "

@@ -10,11 +10,15 @@ that ignores case) can only make a request *more* protected, never less.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from .config import Access, Route
 from .errors import BadRequest, MethodNotAllowed, NotFound
+
+_PARAMETER_SEPARATOR = re.compile(r"[&;]")
+_PHP_UNDERSCORES = re.compile(r"[ .]")  # PHP reads these as "_" in a parameter's name (and a lone "[")
 
 
 @dataclass(frozen=True)
@@ -58,19 +62,41 @@ class RouteTable:
 def required(route: Route, method: str, query: str = "") -> Access:
     """What ``route`` requires of a request with this method and query (see decide)."""
     access = access_for(route, method)
-    override = method_override(query)
-    if override is not None and override != method and access_for(route, override) != access:
-        raise BadRequest("ambiguous_method", "The query names a method that needs other access.")
+    for override in method_overrides(query):
+        if override != method and access_for(route, override) != access:  # (405 if not allowed)
+            raise BadRequest("ambiguous_method", "The query names a method that needs other access.")
     return access
 
 
-def method_override(query: str) -> str | None:
-    """The method a ``_method`` query parameter names, upper-cased, or None."""
-    if "_method" not in query.lower():
-        return None
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name.lower() == "_method":
-            return value.strip().upper()
+def method_overrides(query: str) -> list[str]:
+    """Every method a ``_method`` query parameter names, upper-cased, in order: a name is
+    taken as ``_method`` in every spelling some framework reads so (percent- or
+    plus-encoded, in any case, PHP's ``.``, space or ``[`` for ``_``, ``_method[]``), and
+    ``;`` separates parameters as ``&`` does (older Rack). Frameworks differ on which of
+    several they act on, so each one counts."""
+    if "method" not in query.lower() and "%" not in query:
+        return []
+    found = []
+    for part in _PARAMETER_SEPARATOR.split(query):
+        name, _, value = part.partition("=")
+        name = _PHP_UNDERSCORES.sub("_", unquote_plus(name).strip().lower())
+        if "_method" in (name, name.replace("[", "_")) or name.startswith("_method["):
+            found.append(unquote_plus(value).strip().upper())
+    return found
+
+
+def offending_override(route: Route, method: str, query: str) -> str | None:
+    """The first method named by ``_method`` that the route does not allow, or that needs
+    other access than ``method`` (see decide); None when every one is harmless."""
+    access = route.access.get("GET" if method == "HEAD" else method) or route.access.get("*")
+    for override in method_overrides(query):
+        if override == method:
+            continue
+        try:
+            if access_for(route, override) != access:
+                return override
+        except MethodNotAllowed:
+            return override
     return None
 
 
