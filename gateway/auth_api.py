@@ -190,11 +190,17 @@ def _registration_problem(cfg: Registration, code: str) -> str:
 async def refresh(request: web.Request) -> web.StreamResponse:
     gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
-    token = cookies.read(strip_hop_by_hop(request.raw_headers), gw.config.cookies.refresh.name)
-    if token is None:
+    presented = cookies.read_all(strip_hop_by_hop(request.raw_headers), gw.config.cookies.refresh.name)
+    if not presented:
         raise Unauthorized("invalid_token", "No refresh token was sent.")
+    if len(presented) > 1:  # refused, not one of them guessed at (which could be a planted one)
+        security.warning("refresh_refused", extra={"fields": {"reason": "several_refresh_cookies",
+                                                              "ip": gw.proxy.client_ip(request)}})
+        response = errors.response(Unauthorized("ambiguous_credentials", "The request carries several refresh tokens."))
+        cookies.clear(response, gw.config.cookies, gw.retired_cookies)
+        return response
     try:
-        done = await gw.sessions.refresh(token, gw.proxy.client_ip(request))
+        done = await gw.sessions.refresh(presented[0], gw.proxy.client_ip(request))
     except RefreshRefused as exc:
         if exc.reason != "reused":  # (a replay is logged by sessions, with its user)
             security.info("refresh_refused", extra={"fields": {"reason": exc.reason,
@@ -209,18 +215,17 @@ async def logout(request: web.Request) -> web.Response:
     gw = request[GATEWAY]
     _refuse_cross_site(gw, request)
     inbound = strip_hop_by_hop(request.raw_headers)
-    session_id = None
-    token = cookies.read(inbound, gw.config.cookies.refresh.name)
-    if token is not None:
-        session = await gw.sessions.find(token)
-        session_id = session.id if session else None
-    if session_id is None:
+    # every session presented ends: with two refresh cookies, one may be someone else's
+    ended = {session.id for token in cookies.read_all(inbound, gw.config.cookies.refresh.name)
+             if (session := await gw.sessions.find(token)) is not None}
+    if not ended:
         try:
-            session_id = authenticate(gw, inbound).sid
+            ended.add(authenticate(gw, inbound).sid)
         except (Unauthorized, BadRequest):
             pass  # nothing to end; the cookies are cleared all the same
-    if session_id is not None and await gw.sessions.end(session_id, "logout"):
-        security.info("logout", extra={"fields": {"sid": session_id, "ip": gw.proxy.client_ip(request)}})
+    for session_id in sorted(ended):
+        if await gw.sessions.end(session_id, "logout"):
+            security.info("logout", extra={"fields": {"sid": session_id, "ip": gw.proxy.client_ip(request)}})
     if request.content_type == "application/x-www-form-urlencoded":
         # a sign-out button in a page: land on the sign-in page, not on an empty 204
         response = web.Response(status=303, headers={
@@ -292,10 +297,10 @@ async def end_session(request: web.Request) -> web.Response:
 async def _end_presented_session(gw: Gateway, inbound: CIMultiDict[str]) -> None:
     """A sign-in always starts a new session, never continues one a browser brought along
     (possibly planted by someone else: session fixation); that one is ended."""
-    token = cookies.read(inbound, gw.config.cookies.refresh.name)
-    session = await gw.sessions.find(token) if token else None
-    if session is not None and session.revoked_at is None:
-        await gw.sessions.end(session.id, "replaced_by_login")
+    for token in cookies.read_all(inbound, gw.config.cookies.refresh.name):
+        session = await gw.sessions.find(token)
+        if session is not None and session.revoked_at is None:
+            await gw.sessions.end(session.id, "replaced_by_login")
 
 
 def _refuse_cross_site(gw: Gateway, request: web.Request) -> None:

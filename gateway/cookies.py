@@ -29,12 +29,22 @@ MAX_RETIRED = 4  # cookie settings of replaced configs kept across reloads
 
 def read(headers: CIMultiDict[str], name: str) -> str | None:
     """The value of cookie ``name`` from every ``Cookie`` header; the first one wins."""
+    found = read_all(headers, name)
+    return found[0] if found else None
+
+
+def read_all(headers: CIMultiDict[str], name: str) -> list[str]:
+    """Every distinct value of cookie ``name``, in the order sent. A browser sends two
+    cookies of one name when they differ in path or domain: one may have been planted by a
+    sibling subdomain (``Domain=`` the parent, a longer ``Path`` so that it comes first)."""
+    found: list[str] = []
     for header in headers.getall("Cookie", ()):
         for pair in header.split(";"):
             key, sep, value = pair.strip().partition("=")
-            if sep and key == name:
-                return value.strip().strip('"') or None
-    return None
+            value = value.strip().strip('"')
+            if sep and key == name and value and value not in found:
+                found.append(value)
+    return found
 
 
 def base(name: str) -> str:

@@ -159,6 +159,36 @@ async def test_login_ends_a_session_the_browser_brought_along(gw: Gateway) -> No
     assert session is not None and session.revoked_reason == "replaced_by_login"
 
 
+async def test_a_second_refresh_cookie_is_refused_not_guessed_at(gw: Gateway, upstream: Upstream) -> None:
+    # SEC-42/43: a sibling subdomain can plant its own refresh cookie (Domain= the parent, a
+    # longer Path, so the browser sends it first). Neither is taken for the other.
+    alice, planted = await gw.login("alice"), await gw.login("bob")
+    both = f"gw_refresh={planted['refresh_token']}; gw_refresh={alice['refresh_token']}"
+    async with gw.http.post(f"{gw.url}/auth/refresh", headers={"Cookie": both}) as resp:
+        assert (resp.status, (await resp.json())["error"]) == (401, "ambiguous_credentials")
+        assert resp.cookies["gw_refresh"]["max-age"] == "0"
+    gw.clock.advance(16 * 60)  # at the edge too: no renewal from either, the sign-in page instead
+    async with gw.http.get(f"{gw.url}/page", allow_redirects=False, headers={
+            "Cookie": f"gw_access={alice['access_token']}; {both}", **HTML}) as resp:
+        assert (resp.status, resp.headers["Location"]) == (302, "/auth/login?next=/page")
+        assert resp.cookies["gw_refresh"]["max-age"] == "0"
+    assert upstream.seen == []
+    for login in (alice, planted):  # nothing was rotated: each still works on its own
+        session = await gw.store.session_of_refresh(hash_token(login["refresh_token"]))
+        assert session is not None and session.revoked_at is None
+    same = f"gw_refresh={alice['refresh_token']}; gw_refresh={alice['refresh_token']}"
+    async with gw.http.post(f"{gw.url}/auth/refresh", headers={"Cookie": same}) as resp:
+        assert resp.status == 200  # the same cookie twice is one cookie
+        alice["refresh_token"] = resp.cookies["gw_refresh"].value
+    # signing out ends every session presented, so the user's own is never left running
+    async with gw.http.post(f"{gw.url}/auth/logout", headers={
+            "Cookie": f"gw_refresh={planted['refresh_token']}; gw_refresh={alice['refresh_token']}"}) as resp:
+        assert resp.status == 204
+    for login in (alice, planted):
+        session = await gw.store.session_of_refresh(hash_token(login["refresh_token"]))
+        assert session is not None and session.revoked_reason == "logout"
+
+
 @pytest.mark.parametrize("headers", [
     {"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"},
     {"Referer": "https://evil.example/page"},
