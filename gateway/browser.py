@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import cookies, metrics
+from . import cookies, metrics, websockets
 from .errors import Forbidden, Unauthorized
 from .paths import Target
 from .sessions import RefreshRefused
@@ -148,6 +148,8 @@ def refuse_cross_site(gw: Gateway, request: web.BaseRequest, also: frozenset[str
 
 def guard_upstream(gw: Gateway, request: web.Request, csrf: bool, allowed: frozenset[str]) -> None:
     """A route's opt-in CSRF guard: an app behind the gateway that never had to think about
-    cross-site requests gets none that change state (anything but GET, HEAD, OPTIONS)."""
-    if csrf and request.method not in SAFE_METHODS:
+    cross-site requests gets none that change state (anything but GET, HEAD, OPTIONS), and
+    no WebSocket opened from another site: its handshake is a GET, but the socket then
+    sends whatever it likes with the user's cookies (cross-site WebSocket hijacking)."""
+    if csrf and (request.method not in SAFE_METHODS or websockets.is_upgrade(request)):
         refuse_cross_site(gw, request, allowed)

@@ -159,6 +159,25 @@ async def test_upgrade_without_a_token_is_401_and_never_reaches_the_upstream(
     assert ws_upstream.requests == []
 
 
+async def test_the_csrf_guard_refuses_a_websocket_opened_from_another_site(
+    ws_factory: Callable[..., Awaitable[Gateway]], ws_upstream: WsUpstream
+) -> None:
+    def guarded(raw: dict[str, Any]) -> None:
+        raw["routes"].insert(0, {"path": "/live/**", "access": "authenticated", "csrf": True})
+
+    gw = await ws_factory(guarded)
+    cookie = {"Cookie": f"gw_access={await gw.token('alice')}"}
+    for other_site in ({"Origin": "https://evil.example"}, {"Origin": "http://gateway.test.evil.example"}):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await gw.http.ws_connect(f"{gw.url}/live/ws", headers={**cookie, **other_site})
+        assert refused.value.status == 403
+    assert ws_upstream.requests == []
+    async with gw.http.ws_connect(f"{gw.url}/live/ws", headers={**cookie, "Origin": "http://gateway.test"}) as ws:
+        await echo(ws)
+    async with gw.http.ws_connect(f"{gw.url}/ws", headers={**cookie, "Origin": "https://evil.example"}) as ws:
+        await echo(ws)  # routes without the guard are the app's own business
+
+
 async def test_wrong_role_is_403_and_an_unlisted_method_405(
     ws_factory: Callable[..., Awaitable[Gateway]], ws_upstream: WsUpstream
 ) -> None:
