@@ -18,6 +18,7 @@ from .config import Access, Route
 from .errors import BadRequest, MethodNotAllowed, NotFound
 
 _PARAMETER_SEPARATOR = re.compile(r"[&;]")
+_TRAILING_DOTS = re.compile(r"(?<=[^/.])(?:\.|%20)+(?=/|$)")  # see fold
 _PHP_UNDERSCORES = re.compile(r"[ .]")  # PHP reads these as "_" in a parameter's name (and a lone "[")
 
 
@@ -25,7 +26,7 @@ _PHP_UNDERSCORES = re.compile(r"[ .]")  # PHP reads these as "_" in a parameter'
 class _Compiled:
     route: Route
     kind: str  # "exact" | "one" (/x/*) | "any" (/x/**)
-    prefix: str  # the literal part, lower-cased when the route protects
+    prefix: str  # the literal part, folded (see fold) when the route protects
     fold_case: bool
 
 
@@ -35,7 +36,7 @@ class RouteTable:
         self._compiled = tuple(_compile(route) for route in routes)
 
     def match(self, path: str) -> Route | None:
-        folded = path.lower()
+        folded = fold(path)
         for c in self._compiled:
             if _matches(c, folded if c.fold_case else path):
                 return c.route
@@ -148,11 +149,18 @@ def shadowed(routes: tuple[Route, ...]) -> list[Shadow]:
     return out
 
 
+def fold(path: str) -> str:
+    """A (normalized) path as routes that protect match it: lower-cased, and each segment
+    without the dots and spaces (``%20``) it ends in (``/Admin.%20/x`` is ``/admin/x``),
+    which Windows and IIS drop from a name. A segment is never left empty."""
+    return _TRAILING_DOTS.sub("", path.lower())
+
+
 def _covers(a: _Compiled, b: _Compiled) -> bool:
     """Whether ``a`` matches every path that ``b`` matches, in the case each matches in."""
     ap, bp = a.prefix, b.prefix
     if a.fold_case:
-        bp = bp.lower()
+        bp = fold(bp)
     elif b.fold_case and ap.lower() != ap.upper():
         return False  # b also matches spellings in other cases, which a (case-sensitive) does not
     if a.kind == "any":
@@ -165,13 +173,13 @@ def _covers(a: _Compiled, b: _Compiled) -> bool:
 
 
 def _compile(route: Route, *, fold_case: bool | None = None) -> _Compiled:
-    fold = not all(a.is_public for a in route.access.values()) if fold_case is None else fold_case
-    pattern = route.path.lower() if fold else route.path
+    folds = not all(a.is_public for a in route.access.values()) if fold_case is None else fold_case
+    pattern = fold(route.path) if folds else route.path
     if pattern.endswith("/**"):
-        return _Compiled(route, "any", pattern[:-3], fold)
+        return _Compiled(route, "any", pattern[:-3], folds)
     if pattern.endswith("/*"):
-        return _Compiled(route, "one", pattern[:-1], fold)
-    return _Compiled(route, "exact", pattern, fold)
+        return _Compiled(route, "one", pattern[:-1], folds)
+    return _Compiled(route, "exact", pattern, folds)
 
 
 def _matches(c: _Compiled, path: str) -> bool:

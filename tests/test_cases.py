@@ -55,6 +55,10 @@ CASES = [
     Case("SEC-06", "/ADMIN/users", 401, 403, 200, "/ADMIN/users"),
     Case("SEC-06", "/Admin/users", 401, 403, 200, "/Admin/users"),
     Case("SEC-06", "/aDmIn/users", 401, 403, 200, "/aDmIn/users"),
+    # ... and so do names with the dots or spaces Windows and IIS drop from a name's end
+    Case("SEC-06", "/admin./users", 401, 403, 200, "/admin./users"),
+    Case("SEC-06", "/admin%20/users", 401, 403, 200, "/admin%20/users"),
+    Case("SEC-06", "/Admin.%20./users", 401, 403, 200, "/Admin.%20./users"),
     # ... and so do letters that an upstream's case mapping or NFKC turns into ASCII ones
     *(Case("SEC-06", t, 400, 400, 400, None) for t in (
         "/adm%C4%B1n/users", "/adm%C4%B0n/users", "/%EF%BD%81dmin/users", "/static/%EF%BC%8E%EF%BC%8E/admin")),

@@ -27,7 +27,9 @@ TABLE = RouteTable((
 @pytest.mark.parametrize("path, index", [
     ("/static", 0), ("/static/", 0), ("/static/a/b.js", 0), ("/staticx", 4),
     ("/STATIC/a.js", 4),  # public routes match case-sensitively...
-    ("/admin", 1), ("/admin/users", 1), ("/ADMIN/users", 1), ("/Admin", 1),  # ...protective ones don't
+    ("/admin", 1), ("/admin/users", 1), ("/ADMIN/users", 1), ("/Admin", 1),  # ...protective ones don't,
+    ("/admin./users", 1), ("/admin%20/x", 1), ("/Admin.%20", 1), ("/static./a.js", 4),  # nor trailing dots
+    ("/exact.", 3), ("/files/.../b", 4), ("/files/a.", 2),
     ("/files/a", 2), ("/files/a/", 2), ("/files/a/b", 4), ("/files/", 4), ("/files", 4),
     ("/exact", 3), ("/exact/", 4), ("/", 4),
 ])
