@@ -890,6 +890,10 @@ def _check_secret(r: _Reader, path: str, secret: bytes, algorithm: str) -> None:
         r.problem(path, "has almost no variety; generate one with: openssl rand -base64 48")
 
 
+def _unprefixed(name: str) -> str:
+    return name.removeprefix("__Host-").removeprefix("__Secure-")
+
+
 def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None) -> Cookies:
     s = r.section(top.raw("cookies"), "cookies", {"secure", "access", "refresh", "retired_names"})
     secure = s.flag("secure", True)
@@ -908,6 +912,11 @@ def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None
             # __Host-: the browser takes it only from this exact host, over HTTPS, for the
             # whole site, so a sibling subdomain cannot plant or overwrite it.
             name = "__Host-" + name
+        elif secure and not name.startswith("__"):
+            # __Secure- where __Host- cannot be (another path, a domain): no plain-HTTP page
+            # can plant it. A sibling subdomain over HTTPS still could; two refresh cookies
+            # are refused (auth_api.refresh), never one of them guessed at.
+            name = "__Secure-" + name
         return Cookie(name=name, same_site=site, path=path, domain=domain)  # type: ignore[arg-type]
 
     access = cookie("access", "gw_access", "lax", "/")
@@ -916,7 +925,7 @@ def _cookies(r: _Reader, top: _Section, auth_prefix: str, public_url: str | None
     refresh = cookie("refresh", "gw_refresh", "strict", "/")
     if not (auth_prefix + "/").startswith(refresh.path.rstrip("/") + "/"):
         r.problem("cookies.refresh.path", f"must cover {auth_prefix}, where the refresh endpoint is")
-    if access.name.removeprefix("__Host-") == refresh.name.removeprefix("__Host-"):
+    if _unprefixed(access.name) == _unprefixed(refresh.name):
         r.problem("cookies.refresh.name", "must differ from cookies.access.name")
     retired = tuple(dict.fromkeys(s.strings("retired_names", pattern=_COOKIE_NAME)))
     return Cookies(secure=secure, access=access, refresh=refresh, retired_names=retired)

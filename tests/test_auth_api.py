@@ -67,6 +67,25 @@ async def test_secure_cookies_by_default(gateway_factory) -> None:  # type: igno
     assert all("Secure" in c and "Path=/" in c and "Max-Age=0" in c for c in cleared)
 
 
+async def test_a_secure_refresh_cookie_kept_to_auth_is_secure_prefixed(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    # SEC-43: on /auth it cannot be __Host-; __Secure- keeps plain-HTTP pages from planting it
+    def secure(raw: dict) -> None:
+        raw["cookies"] = {"secure": True, "refresh": {"path": "/auth"}}
+        raw["public_url"] = "https://gateway.test"
+
+    gw = await gateway_factory(secure)
+    async with gw.http.post(f"{gw.url}/auth/login",
+                            json={"username": "alice", "password": PASSWORDS["alice"]}) as resp:
+        assert resp.status == 200
+        set_cookies = resp.headers.getall("Set-Cookie")
+    assert [c.split("=")[0] for c in set_cookies] == ["__Host-gw_access", "__Secure-gw_refresh"]
+    assert "Path=/auth" in set_cookies[1] and "Secure" in set_cookies[1]
+    async with gw.http.post(f"{gw.url}/auth/refresh", headers={
+            "Cookie": set_cookies[1].split(";")[0], "Origin": "https://gateway.test"}) as resp:
+        assert resp.status == 200
+        assert resp.headers.getall("Set-Cookie")[1].startswith("__Secure-gw_refresh=")
+
+
 async def test_login_form_redirects_to_safe_next(gw: Gateway) -> None:
     form = {"username": "alice", "password": PASSWORDS["alice"], "next": "/reports?year=2026"}
     async with gw.http.post(f"{gw.url}/auth/login", data=form, allow_redirects=False, headers=PROBE) as resp:
