@@ -12,7 +12,7 @@ sums them (prometheus-client's multiprocess mode).
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -56,6 +56,7 @@ _AUTH_FAILURE_NAMES: Final = {"unauthorized": "missing", "session_revoked": "rev
 REFRESH_OUTCOMES: Final = frozenset({"rotated", "grace", "reused", "expired", "revoked", "invalid"})
 LOGIN_OUTCOMES: Final = frozenset({"ok", "failed", "throttled"})
 RELOAD_OUTCOMES: Final = ("ok", "failed")
+MAX_REQUEST_SERIES: Final = 4096  # (route, status) pairs whose series are kept at hand
 
 # Seconds; from a cached local hop to a slow upstream page.
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -117,6 +118,9 @@ class _Metrics:
             ["outcome"],
             registry=registry,
         )
+        # (route label, status) -> the request counter's and the histogram's series: labels()
+        # costs more than the count itself, and a request is counted on every answer.
+        self.request_series: dict[tuple[str, int], tuple[Any, Any]] = {}
         # Series that should read 0 rather than be absent before the first event.
         for outcome in LOGIN_OUTCOMES:
             self.logins.labels(outcome)
@@ -152,9 +156,15 @@ def status_class(status: int) -> str:
 
 def request(route: str, status: int, seconds: float) -> None:
     """One answered request. route: a route's index as a string, or one of OWN_ROUTES."""
-    label = route if route.isdecimal() and len(route) <= 4 else _bounded(route, OWN_ROUTES)
-    _m.requests.labels(label, status_class(status)).inc()
-    _m.request_duration.labels(label).observe(max(seconds, 0.0))
+    series = _m.request_series.get((route, status))
+    if series is None:
+        label = route if route.isdecimal() and len(route) <= 4 else _bounded(route, OWN_ROUTES)
+        series = (_m.requests.labels(label, status_class(status)), _m.request_duration.labels(label))
+        if len(_m.request_series) < MAX_REQUEST_SERIES:  # bounded: routes x statuses
+            _m.request_series[(route, status)] = series
+    count, duration = series
+    count.inc()
+    duration.observe(max(seconds, 0.0))
 
 
 def upstream_error(kind: str) -> None:
