@@ -5,6 +5,7 @@ traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -21,8 +22,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
@@ -708,8 +711,9 @@ def test_run_serves_until_sigterm(cfg_path: Path, env: dict[str, str]) -> None:
     assert [(e["event"], e["signal"]) for e in events[-2:]] == [("stopping", "SIGTERM"), ("stopped", "SIGTERM")]
 
 
-@pytest.mark.slow
-def test_run_on_port_0_logs_the_port_it_got(cfg_path: Path, env: dict[str, str]) -> None:
+@contextlib.contextmanager
+def _running_on_port_0(cfg_path: Path, env: dict[str, str]) -> Iterator[list[dict[str, Any]]]:
+    """``gateway run --port 0``, up to its ``listening`` line: the JSON lines so far."""
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(cfg_path), "--port", "0"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
@@ -721,15 +725,32 @@ def test_run_on_port_0_logs_the_port_it_got(cfg_path: Path, env: dict[str, str])
                 out += os.read(proc.stdout.fileno(), 65536)
                 events = [json.loads(line) for line in out.decode().splitlines(keepends=True)
                           if line.startswith("{") and line.endswith("\n")]
+        yield events
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_run_on_port_0_logs_the_port_it_got(cfg_path: Path, env: dict[str, str]) -> None:
+    with _running_on_port_0(cfg_path, env) as events:
         [listening] = [e for e in events if e["event"] == "listening"]
         [url] = listening["urls"]
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url) and not url.endswith(":0")
         status, body = _get(url + "/readyz")
         assert (status, json.loads(body)) == (200, {"status": "ready"})
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-    assert proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_run_says_when_it_makes_a_new_sqlite_store(cfg_path: Path, env: dict[str, str]) -> None:
+    # a mistyped path is then seen for what it is: a new, empty store
+    store = cfg_path.parent.resolve() / "data" / "gateway.db"
+    assert not store.exists()
+    with _running_on_port_0(cfg_path, env) as events:
+        assert [e["path"] for e in events if e["event"] == "store_created"] == [str(store)]
+    with _running_on_port_0(cfg_path, env) as events:
+        assert [e for e in events if e["event"] == "store_created"] == []
 
 
 # --- gateway demo ---------------------------------------------------------------------------

@@ -9,12 +9,15 @@ Refresh tokens are never stored, only their SHA-256 hashes.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from ..errors import UserError
+
+log = logging.getLogger("gateway.store")
 
 Outcome = Literal["rotated", "grace", "reused", "revoked", "expired", "unknown"]
 
@@ -243,6 +246,10 @@ async def open_store(url: str, *, create: bool = True) -> Store:
     from .sqlite import SQLiteStore
 
     path = "/" + resolved[len("sqlite:///"):]
+    is_new = not Path(path).exists()
     if not create and not Path(path).is_file():
         raise UserError(f"no SQLite store at {path}")
-    return await SQLiteStore.open(path)
+    store = await SQLiteStore.open(path)
+    if is_new:  # said, so that a mistyped path is seen as a new, empty store
+        log.info("store_created", extra={"fields": {"path": path}})
+    return store
