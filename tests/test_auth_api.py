@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 import jwt
 import pytest
@@ -44,18 +45,23 @@ async def test_login_json_returns_token_and_cookies(gw: Gateway) -> None:
     assert int(refresh["max-age"]) == 14 * 86400
 
 
-async def test_secure_cookies_by_default(gateway_factory) -> None:  # type: ignore[no-untyped-def]
-    # SEC-43: Secure, HttpOnly, SameSite, no Domain, and the __Host- prefix, which a browser
-    # accepts only from this very host over HTTPS: a sibling subdomain cannot plant it.
+async def _secure_login(gateway_factory, **cookies: Any) -> tuple[Gateway, list[str]]:  # type: ignore[no-untyped-def]
+    """A gateway on https with secure cookies (and ``cookies``), and alice's Set-Cookie headers."""
     def secure(raw: dict) -> None:
-        raw["cookies"] = {"secure": True}
+        raw["cookies"] = {"secure": True, **cookies}
         raw["public_url"] = "https://gateway.test"
 
     gw = await gateway_factory(secure)
     async with gw.http.post(f"{gw.url}/auth/login",
                             json={"username": "alice", "password": PASSWORDS["alice"]}) as resp:
         assert resp.status == 200
-        set_cookies = resp.headers.getall("Set-Cookie")
+        return gw, resp.headers.getall("Set-Cookie")
+
+
+async def test_secure_cookies_by_default(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    # SEC-43: Secure, HttpOnly, SameSite, no Domain, and the __Host- prefix, which a browser
+    # accepts only from this very host over HTTPS: a sibling subdomain cannot plant it.
+    gw, set_cookies = await _secure_login(gateway_factory)
     assert [c.split("=")[0] for c in set_cookies] == ["__Host-gw_access", "__Host-gw_refresh"]
     for header, same_site in zip(set_cookies, ("Lax", "Strict"), strict=True):
         attributes = {a.strip().split("=")[0].lower() for a in header.split(";")[1:]}
@@ -69,15 +75,7 @@ async def test_secure_cookies_by_default(gateway_factory) -> None:  # type: igno
 
 async def test_a_secure_refresh_cookie_kept_to_auth_is_secure_prefixed(gateway_factory) -> None:  # type: ignore[no-untyped-def]
     # SEC-43: on /auth it cannot be __Host-; __Secure- keeps plain-HTTP pages from planting it
-    def secure(raw: dict) -> None:
-        raw["cookies"] = {"secure": True, "refresh": {"path": "/auth"}}
-        raw["public_url"] = "https://gateway.test"
-
-    gw = await gateway_factory(secure)
-    async with gw.http.post(f"{gw.url}/auth/login",
-                            json={"username": "alice", "password": PASSWORDS["alice"]}) as resp:
-        assert resp.status == 200
-        set_cookies = resp.headers.getall("Set-Cookie")
+    gw, set_cookies = await _secure_login(gateway_factory, refresh={"path": "/auth"})
     assert [c.split("=")[0] for c in set_cookies] == ["__Host-gw_access", "__Secure-gw_refresh"]
     assert "Path=/auth" in set_cookies[1] and "Secure" in set_cookies[1]
     async with gw.http.post(f"{gw.url}/auth/refresh", headers={
