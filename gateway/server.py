@@ -112,17 +112,23 @@ def _shared_metrics() -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+SAME_SIGNAL = 0.2  # seconds: a second stop signal sooner than this is the first one again
+
+
 def _stop_signals(stopped_by: list[str], *, worker: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context: SIGINT and SIGTERM stop the server as aiohttp's own handlers do
     (installed just before; these replace them). The first one is put in ``stopped_by`` and
     logged as ``stopping`` (by a worker's supervisor, for a worker). A second one during
     shutdown exits at once (status 1), except in a worker, which ignores it: a signal to the
     whole process group (Ctrl-C, systemd) reaches a worker from the sender and again from
-    the supervisor, and the supervisor kills a worker that overstays its shutdown."""
+    the supervisor, and the supervisor kills a worker that overstays its shutdown. One that
+    comes within SAME_SIGNAL of the first is that same request: ``timeout`` and other tools
+    signal both the process and its process group."""
+    first: list[float] = []
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         def stop(signum: signal.Signals) -> None:
-            if stopped_by and worker:
+            if stopped_by and (worker or time.monotonic() - first[0] < SAME_SIGNAL):
                 return
             if stopped_by:
                 # Asked twice: the requests still in flight are cut, their connections
@@ -131,6 +137,7 @@ def _stop_signals(stopped_by: list[str], *, worker: bool) -> Callable[[web.Appli
                 log.warning("stopped_now", extra={"fields": {"signal": signum.name}})
                 os._exit(1)
             stopped_by.append(signum.name)
+            first.append(time.monotonic())
             if not worker:
                 log.info("stopping", extra={"fields": {"signal": signum.name}})
             raise web.GracefulExit()

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestServer
 from processes import free_port, start_gateway, stop, until_healthy
 
 from gateway import reload
+from gateway.server import SAME_SIGNAL
 from gateway.store import open_store
 
 from conftest import PASSWORDS, add_test_users
@@ -508,12 +509,29 @@ async def test_sigterm_past_shutdown_timeout_cuts_the_request_and_exits_0(gatewa
         await slow
 
 
+async def test_two_sigterms_at_once_are_one_request_to_stop(gateway: Any, upstream: Upstream) -> None:
+    # timeout(1) and other tools signal the process and then its process group
+    gw = await gateway()
+    alice = await gw.login()
+    slow = await _slow_request(gw, upstream, alice["access"])
+    gw.proc.send_signal(signal.SIGTERM)
+    time.sleep(SAME_SIGNAL / 10)  # two deliveries, not one signal pending twice
+    gw.proc.send_signal(signal.SIGTERM)
+    await until(lambda: gw.events("stopping"), "the gateway is stopping")
+    assert gw.proc.poll() is None  # still finishing the slow request
+    upstream.release.set()
+    assert await slow == (200, b"x" * 100_000)
+    assert await _exit_code(gw.proc) == 0
+    assert not gw.events("stopped_now")
+
+
 async def test_a_second_sigterm_exits_at_once_with_one_clear_line(gateway: Any, upstream: Upstream) -> None:
     gw = await gateway()
     alice = await gw.login()
     slow = await _slow_request(gw, upstream, alice["access"])  # never released
     gw.proc.send_signal(signal.SIGTERM)
     await until(lambda: gw.events("stopping"), "the gateway is stopping")
+    await asyncio.sleep(2 * SAME_SIGNAL)  # (sooner, it is taken for the first one again)
     gw.proc.send_signal(signal.SIGTERM)
     assert await _exit_code(gw.proc) == 1
     with pytest.raises(aiohttp.ClientError):
