@@ -19,7 +19,7 @@ from .errors import BadRequest, MethodNotAllowed, NotFound
 
 _PARAMETER_SEPARATOR = re.compile(r"[&;]")
 _TRAILING_DOTS = re.compile(r"(?<=[^/.])(?:\.|%20)+(?=/|$)")  # see fold
-_PHP_UNDERSCORES = re.compile(r"[ .]")  # PHP reads these as "_" in a parameter's name (and a lone "[")
+_PHP_UNDERSCORES = re.compile(r"[ .]")  # PHP reads these (and a "[" never closed) as "_" in a name
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,14 @@ class RouteTable:
 def required(route: Route, method: str, query: str = "") -> Access:
     """What ``route`` requires of a request with this method and query (see decide)."""
     access = access_for(route, method)
-    for override in method_overrides(query):
-        if override != method and access_for(route, override) != access:  # (405 if not allowed)
-            raise BadRequest("ambiguous_method", "The query names a method that needs other access.")
+    override = offending_override(route, method, query)
+    if override is not None:
+        access_for(route, override)  # MethodNotAllowed when the route does not allow it
+        raise BadRequest("ambiguous_method", "The query names a method that needs other access.")
     return access
 
 
-def method_overrides(query: str) -> list[str]:
+def _method_overrides(query: str) -> list[str]:
     """Every method a ``_method`` query parameter names, upper-cased, in order: a name is
     taken as ``_method`` in every spelling some framework reads so (percent- or
     plus-encoded, in any case, PHP's ``.``, space or ``[`` for ``_``, ``_method[]``), and
@@ -81,7 +82,7 @@ def method_overrides(query: str) -> list[str]:
     for part in _PARAMETER_SEPARATOR.split(query):
         name, _, value = part.partition("=")
         name = _PHP_UNDERSCORES.sub("_", unquote_plus(name).strip().lower())
-        if "_method" in (name, name.replace("[", "_")) or name.startswith("_method["):
+        if name.startswith("_method[") or name.replace("[", "_") == "_method":
             found.append(unquote_plus(value).strip().upper())
     return found
 
@@ -90,7 +91,7 @@ def offending_override(route: Route, method: str, query: str) -> str | None:
     """The first method named by ``_method`` that the route does not allow, or that needs
     other access than ``method`` (see decide); None when every one is harmless."""
     access = route.access.get("GET" if method == "HEAD" else method) or route.access.get("*")
-    for override in method_overrides(query):
+    for override in _method_overrides(query):
         if override == method:
             continue
         try:
