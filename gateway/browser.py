@@ -57,14 +57,10 @@ async def refresh_at_edge(gw: Gateway, request: web.Request, inbound: CIMultiDic
     if "Authorization" in inbound:
         return None
     presented = cookies.read_all(inbound, gw.config.cookies.refresh.name)
-    if len(presented) != 1:  # none, or several: not one of them guessed at (see auth_api.refresh)
-        if presented:
-            request[CLEAR_COOKIES] = True
-            security.warning("refresh_refused", extra={"fields": {"reason": "several_refresh_cookies",
-                                                                  "at": "edge", "ip": request.get(IP, "")}})
+    if not presented:
         return None
     try:
-        done = await gw.sessions.refresh(presented[0], request.get(IP, ""))
+        done = await gw.sessions.refresh_presented(presented, request.get(IP, ""))
     except RefreshRefused as exc:
         request[CLEAR_COOKIES] = True
         if exc.reason != "reused":

@@ -92,6 +92,16 @@ class Sessions:
         await self.store.create_session(session, hash_token(token))
         return session, token
 
+    async def refresh_presented(self, presented: list[str], ip: str = "") -> Refreshed:
+        """refresh() for the refresh tokens a browser sent (cookies.read_all: at least one).
+        Two different ones are refused, never one of them guessed at: a sibling subdomain
+        can plant a cookie of the same name that the browser sends first."""
+        if len(presented) > 1:
+            metrics.refresh("invalid")
+            raise RefreshRefused("ambiguous_credentials", "The request carries several refresh tokens.") \
+                .because("several_refresh_tokens")
+        return await self.refresh(presented[0], ip)
+
     async def refresh(self, token: str, ip: str = "") -> Refreshed:
         """Exchange ``token`` for its successor, or refuse with the reason. A replay is
         logged as the security event ``refresh_token_reused`` (user, sid, ip; never the

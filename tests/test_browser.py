@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,11 @@ async def test_login_ends_a_session_the_browser_brought_along(gw: Gateway) -> No
     assert session is not None and session.revoked_reason == "replaced_by_login"
 
 
-async def test_a_second_refresh_cookie_is_refused_not_guessed_at(gw: Gateway, upstream: Upstream) -> None:
+async def test_a_second_refresh_cookie_is_refused_not_guessed_at(
+        gw: Gateway, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
     # SEC-42/43: a sibling subdomain can plant its own refresh cookie (Domain= the parent, a
     # longer Path, so the browser sends it first). Neither is taken for the other.
+    caplog.set_level(logging.INFO, logger="gateway.security")
     alice, planted = await gw.login("alice"), await gw.login("bob")
     both = f"gw_refresh={planted['refresh_token']}; gw_refresh={alice['refresh_token']}"
     async with gw.http.post(f"{gw.url}/auth/refresh", headers={"Cookie": both}) as resp:
@@ -173,6 +176,9 @@ async def test_a_second_refresh_cookie_is_refused_not_guessed_at(gw: Gateway, up
         assert (resp.status, resp.headers["Location"]) == (302, "/auth/login?next=/page")
         assert resp.cookies["gw_refresh"]["max-age"] == "0"
     assert upstream.seen == []
+    refused = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "refresh_refused"]
+    assert [(f["reason"], f.get("at")) for f in refused] == [("several_refresh_tokens", None),
+                                                              ("several_refresh_tokens", "edge")]
     for login in (alice, planted):  # nothing was rotated: each still works on its own
         session = await gw.store.session_of_refresh(hash_token(login["refresh_token"]))
         assert session is not None and session.revoked_at is None
