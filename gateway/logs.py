@@ -136,8 +136,9 @@ def _redact_parser_errors(record: logging.LogRecord) -> bool:
 
 
 class AccessLog(AbstractAccessLogger):
-    """The one place that sees every answer with its route, status and duration: it writes
-    the access log line and counts the request in the metrics."""
+    """The one place that sees every answer with its route, status and duration, once it
+    is sent: it writes the access log line, counts the request in the metrics, and lets go
+    of the answer's headers (see the end of log)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         route = request.get(ROUTE)
